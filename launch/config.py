@@ -1,0 +1,219 @@
+"""The whole configuration schema: every field declared once, with its meaning.
+
+YAML files in `configs/` hold only what differs from these defaults;
+command-line `key=value` overrides are applied on top. This module imports
+OmegaConf and nothing heavy, so it loads in milliseconds and bad input is
+rejected before Ray, vLLM or DeepSpeed start.
+
+Components receive their own section (`cfg.rollout`, `cfg.store`, ...),
+never the root config.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """Bad user configuration; the message is one line naming field, value and remedy."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "chain"
+    """Task name. `chain`: H dependent steps (running sums mod 10 of the prompt digits)."""
+    horizon: int = 4
+    """H: number of dependent steps; the outcome reward is 1 only if all H are right."""
+    heldout_size: int = 128
+    """Number of held-out prompts (disjoint from training prompts) used for evaluation."""
+    seed: int = 0
+    """Seed of the train/held-out split."""
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None
+    """A Hugging Face model folder to use as the policy. None: build the tiny base model locally."""
+    cache_dir: str = "~/.cache/graftrl/models"
+    """Where locally built base models are cached, keyed by their config."""
+    hidden_size: int = 128
+    """Tiny Llama width."""
+    num_layers: int = 2
+    """Tiny Llama depth."""
+    num_heads: int = 4
+    """Attention heads of the tiny Llama."""
+    target_q: float = 0.5
+    """Base model: probability of the right step given a correct prefix (noisy demonstrations)."""
+    sft_steps: int = 1500
+    """Supervised steps used to build the base model from noisy demonstrations."""
+    sft_batch_size: int = 128
+    """Batch size of the base-model supervised training."""
+    sft_lr: float = 3e-3
+    """Learning rate of the base-model supervised training."""
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    """Number of vLLM rollout actors."""
+    num_cpus_per_actor: float = 1.0
+    """Ray CPUs each rollout actor reserves."""
+    num_gpus_per_actor: float = 0.0
+    """Ray GPUs each rollout actor reserves (0 on CPU machines)."""
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts (1.0 = sample the policy itself)."""
+    top_k_logprobs: int = 5
+    """k of the top-k logprobs returned per generated token (entropy estimate)."""
+    kv_cache_gib: int = 1
+    """VLLM_CPU_KVCACHE_SPACE for CPU engines, in GiB."""
+    gpu_memory_utilization: float = 0.2
+    """vLLM memory share; small on CPU so the engine starts on a 24 GiB box."""
+    dtype: str = "float32"
+    """Engine dtype; float32 on CPU so engine and learner logprobs agree to ~1e-6."""
+    enforce_eager: bool = True
+    """No CUDA graphs / compilation (CPU and debugging)."""
+
+
+@dataclass
+class StoreConfig:
+    num_shards: int = 1
+    """Number of prefix-store shard actors; roots are assigned by a stable hash."""
+    scorer: str = "outcome_uncertainty"
+    """Branch-point scorer: one of prefix_store.scoring.SCORERS."""
+    branch_fraction: float = 0.5
+    """Share of each step's rollouts that start from stored prefixes (the rest from the prompt)."""
+    max_branches_per_position: int = 2
+    """A position is not handed out again once it was branched this many times."""
+    max_nodes: int = 200_000
+    """Memory bound per shard, in tree nodes; oldest trees are evicted beyond it."""
+    beta: float = 0.1
+    """Temperature of the soft-value accumulator, V = beta * log mean exp(r / beta)."""
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (0-3)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+    kl_coef: float = 0.01
+    """beta of the KL-regularised objective E[r] - beta KL(pi || pi_ref)."""
+    kl_estimator: str = "k3"
+    """KL estimator in the loss: k1, k2 or k3."""
+    advantage: str = "group"
+    """Advantage: `group` (mean baseline over siblings sharing a start prefix) or `group_norm` (also / std)."""
+    nudge: float = 0.0
+    """Affirmative nudge epsilon added to every advantage."""
+    clip_ratio: float = 0.2
+    """PPO-style clip of the importance ratio pi/pi_behaviour."""
+    num_cpus: float = 1.0
+    """Ray CPUs the learner reserves."""
+    num_gpus: float = 0.0
+    """Ray GPUs the learner reserves."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    """Learner updates."""
+    prompts_per_step: int = 16
+    """Root prompts drawn per step."""
+    samples_per_request: int = 4
+    """Continuations per request (a group for the baseline), from a prompt or a stored prefix."""
+    eval_samples: int = 4
+    """Samples per held-out prompt when measuring held-out root-start success."""
+    eval_every: int = 10
+    """Measure held-out success every this many steps (0: only before and after training)."""
+    seed: int = 0
+    """Base seed; each actor adds its index."""
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Ray cluster address; None: join $RAY_ADDRESS if set, else start a local loopback cluster."""
+    num_cpus: Optional[int] = None
+    """CPUs of a locally started cluster (None: all)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (default, no network), online, or disabled."""
+    project: str = "graftrl"
+    """wandb project name."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs"
+    """Runs are written to <run_dir>/<run_id>/; <run_dir>/latest points at the newest."""
+    run_name: Optional[str] = None
+    """Run id; None: a timestamp."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+_CHOICES = {
+    "task.name": ("chain",),
+    "learner.kl_estimator": ("k1", "k2", "k3"),
+    "learner.advantage": ("group", "group_norm"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+def _validate(cfg: DictConfig) -> None:
+    from prefix_store.scoring import SCORERS
+
+    choices = dict(_CHOICES, **{"store.scorer": tuple(SCORERS)})
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+    if not 0.0 <= cfg.store.branch_fraction <= 1.0:
+        raise ConfigError(f"store.branch_fraction={cfg.store.branch_fraction} must lie in [0, 1]")
+    if not 0 <= cfg.learner.zero_stage <= 3:
+        raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("train.steps", "train.prompts_per_step", "train.samples_per_request", "task.horizon"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if cfg.model.path is not None and not os.path.isdir(os.path.expanduser(cfg.model.path)):
+        raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a Hugging Face model folder or leave it unset to build the tiny base model")
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; validated, then frozen."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path!r} not found; see configs/ for the shipped ones (e.g. configs/default.yaml)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
+            key, value = item.split("=", 1)
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                parent = key.rsplit(".", 1)[0] if "." in key else ""
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ", ".join(sorted(cfg.keys()))
+                raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"invalid config: {msg}") from None
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]

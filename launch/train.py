@@ -1,0 +1,207 @@
+"""graftrl training driver: KL-regularised RL with prefix access.
+
+    python -m launch.train --config configs/default.yaml [key=value ...]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launch.train --config configs/default.yaml
+
+One step (synchronous): draw prompts -> ask the prefix store for branch points
+-> generate from prompts and stored prefixes -> insert into the store ->
+KL-regularised update -> push weights to every rollout actor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+from launch.config import Config, ConfigError, load_config
+
+
+@dataclass
+class Counters:
+    rollouts: int = 0
+    rollouts_from_prefix: int = 0
+    generated_tokens: int = 0
+    eval_tokens: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def make_requests(task, rng: random.Random, branch_points, *, prompts: int, n: int, step: int):
+    """Root-start requests for fresh prompts plus one request per branch point (prefix re-entry)."""
+    from actors.messages import RolloutRequest
+
+    reqs = [RolloutRequest(request_id=step * 100_000 + i, root_id=bp.root_id, prompt_ids=bp.prompt_ids,
+                           prefix_ids=bp.prefix_ids, n=n, branch_ref=bp.ref) for i, bp in enumerate(branch_points)]
+    for digits in task.train_prompts(rng, prompts - len(reqs)):
+        reqs.append(RolloutRequest(request_id=step * 100_000 + len(reqs), root_id=task.root_id(digits),
+                                   prompt_ids=task.prompt_ids(digits), n=n))
+    return reqs
+
+
+def evaluate(rollout_group, task, samples: int) -> tuple[float, int]:
+    """Held-out root-start success: mean outcome reward of `samples` policy samples per held-out prompt."""
+    from actors.messages import RolloutRequest
+
+    reqs = [RolloutRequest(request_id=i, root_id=task.root_id(d), prompt_ids=task.prompt_ids(d), n=samples)
+            for i, d in enumerate(task.heldout_prompts())]
+    outs = rollout_group.generate(reqs)
+    return sum(r.reward for r in outs) / len(outs), sum(len(r.token_ids) for r in outs)
+
+
+def train(cfg: Config, run_dir: str, log=print) -> dict:
+    import ray
+    import wandb
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from actors.group import RolloutGroup
+    from actors.tasks import VOCAB, make_task
+    from launch.base_model import ensure_base_model
+    from launch.cluster import actor_env_vars, connect
+    from learner.batch import build_train_batch
+    from learner.group import LearnerGroup
+    from prefix_store.store import PrefixStore
+
+    t_start = time.time()
+    model_dir = ensure_base_model(cfg.model, cfg.task, log=log)
+    where = connect(cfg.ray)
+    env = actor_env_vars(cfg.rollout.kv_cache_gib)
+    task = make_task(cfg.task.name, horizon=cfg.task.horizon, heldout_size=cfg.task.heldout_size, seed=cfg.task.seed)
+    tc = cfg.train
+    log(f"[graftrl] ray: {where}; starting rollout actors, prefix store, learner (model {model_dir})")
+    rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=tc.seed, env_vars=env)
+    store = PrefixStore(store_cfg=cfg.store, vocab_size=len(VOCAB), seed=tc.seed)
+    learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
+                           micro_batch_size=tc.prompts_per_step * tc.samples_per_request, env_vars=env)
+    run = wandb.init(project=cfg.wandb.project, dir=run_dir, mode=cfg.wandb.mode, name=os.path.basename(run_dir),
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    startup_s = time.time() - t_start
+
+    c = Counters()
+    success_before, tok = evaluate(rollout, task, tc.eval_samples)
+    c.eval_tokens += tok
+    rng = random.Random(tc.seed)
+    n_branch = round(tc.prompts_per_step * cfg.store.branch_fraction)
+    bar = tqdm(range(tc.steps), desc="train", unit="step", disable=None)
+    t_train = time.time()
+    for step in bar:
+        t0 = time.time()
+        branch_points = store.select(n_branch)
+        reqs = make_requests(task, rng, branch_points, prompts=tc.prompts_per_step, n=tc.samples_per_request, step=step)
+        rollouts = rollout.generate(reqs)
+        t_gen = time.time() - t0
+        store.insert(rollouts)
+        metrics = learner.train_step(build_train_batch(rollouts, advantage=cfg.learner.advantage, nudge=cfg.learner.nudge))
+        t1 = time.time()
+        version = metrics.get("learner/version", step + 1)
+        rollout.update_weights(learner.async_weights(), int(version))
+        t_push = time.time() - t1
+        from_prefix = [r for r in rollouts if r.prefix_ids]
+        c.rollouts += len(rollouts)
+        c.rollouts_from_prefix += len(from_prefix)
+        c.generated_tokens += sum(len(r.token_ids) for r in rollouts)
+        metrics.update({
+            "rollout/reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
+            "rollout/root_reward_mean": _mean([r.reward for r in rollouts if not r.prefix_ids]),
+            "rollout/prefix_reward_mean": _mean([r.reward for r in from_prefix]),
+            "tree/branch_points": len(branch_points),
+            "tree/prefix_share": len(from_prefix) / len(rollouts),
+            "tree/branch_depth_mean": _mean([len(bp.prefix_ids) for bp in branch_points]),
+            "tree/branch_score_mean": _mean([bp.score for bp in branch_points]),
+            **{f"tree/{k}": v for k, v in store.stats().items()},
+            "perf/generated_tokens": c.generated_tokens,
+            "timing/generate_s": t_gen, "timing/weight_push_s": t_push, "timing/step_s": time.time() - t0,
+        })
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < tc.steps:
+            metrics["eval/heldout_success"], tok = evaluate(rollout, task, tc.eval_samples)
+            c.eval_tokens += tok
+        run.log(metrics, step=step + 1)
+        c.history.append({"step": step + 1, "generated_tokens": c.generated_tokens, **metrics})
+        bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",
+                        prefix=f"{metrics['tree/prefix_share']:.2f}")
+    train_s = time.time() - t_train
+    success_after, tok = evaluate(rollout, task, tc.eval_samples)
+    c.eval_tokens += tok
+    run.log({"eval/heldout_success": success_after}, step=tc.steps)
+    store.snapshot(os.path.join(run_dir, "store"))
+    summary = {
+        "run_id": os.path.basename(run_dir), "config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
+        "steps": tc.steps, "heldout_success_before": success_before, "heldout_success_after": success_after,
+        "rollouts": c.rollouts, "rollouts_from_prefix": c.rollouts_from_prefix, "generated_tokens": c.generated_tokens,
+        "eval_tokens": c.eval_tokens, "final_loss": c.history[-1].get("learner/loss"),
+        "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
+    with open(os.path.join(run_dir, "history.json"), "w") as f:
+        json.dump(c.history, f)
+    run.summary.update({k: v for k, v in summary.items() if k != "config"})
+    run.finish()
+    rollout.shutdown()
+    learner.shutdown()
+    ray.shutdown()
+    return summary
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"graftrl run {summary['run_id']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("steps", "heldout_success_before", "heldout_success_after", "rollouts", "rollouts_from_prefix",
+                "generated_tokens", "final_loss", "startup_seconds", "train_seconds", "wall_seconds"):
+        v = summary[key]
+        table.add_row(key, f"{v:.3f}" if isinstance(v, float) and key.startswith(("heldout", "final")) else str(v))
+    Console(stderr=True).print(table)
+
+
+def new_run_dir(cfg: Config) -> str:
+    run_id = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.join(cfg.run_dir, run_id)
+    if os.path.exists(run_dir):
+        raise ConfigError(f"run directory {run_dir!r} already exists; choose another run_name")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.train", description="graftrl: RL post-training with prefix access")
+    ap.add_argument("--config", default="configs/default.yaml", help="YAML config (differences from launch/config.py defaults)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10 store.scorer=random")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = new_run_dir(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(run_dir)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    try:
+        summary = train(cfg, os.path.abspath(run_dir), log=log)
+    except BaseException:
+        log(f"[graftrl] run failed; partial outputs left in {run_dir} for inspection")
+        raise
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    latest = os.path.join(cfg.run_dir, "latest")
+    if os.path.islink(latest) or not os.path.exists(latest):
+        tmp = latest + ".tmp"
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.symlink(os.path.basename(run_dir), tmp)
+        os.replace(tmp, latest)
+    print_summary(summary)
+    log(f"[graftrl] summary: {os.path.join(run_dir, 'summary.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+
+from launch.config import ConfigError, load_config
+
+from tests.conftest import ROOT
+
+
+def test_defaults_and_override():
+    cfg = load_config("configs/default.yaml", ["train.steps=3", "store.scorer=random"])
+    assert cfg.train.steps == 3 and cfg.store.scorer == "random"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.stepz=3"], "unknown config key 'train.stepz'; valid keys here: .*steps"),
+    (["train.steps=abc"], "invalid config"),
+    (["store.scorer=magic"], "store.scorer='magic' is not valid; choose one of .*random"),
+    (["model.path=/no/such/model"], "model.path='/no/such/model' does not exist"),
+    (["nonsense"], "not of the form key=value"),
+])
+def test_bad_overrides_are_named(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/default.yaml", overrides)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--config", "configs/missing.yaml"], "not found"),
+    (["--config", "configs/default.yaml", "train.stepz=3"], "unknown config key"),
+    (["--config", "configs/default.yaml", "model.path=/no/such/model"], "does not exist"),
+])
+def test_cli_bad_input_one_line_no_traceback(args, words, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "launch.train", *args, f"run_dir={tmp_path}/runs"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "runs").exists()  # nothing partial written
