@@ -96,7 +96,7 @@ class StoreConfig:
 
 @dataclass
 class LearnerConfig:
-    lr: float = 2e-3
+    lr: float = 2e-4
     """AdamW learning rate."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (0-3)."""
@@ -120,7 +120,7 @@ class LearnerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 30
+    steps: int = 200
     """Learner updates."""
     prompts_per_step: int = 16
     """Root prompts drawn per step."""

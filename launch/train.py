@@ -51,6 +51,16 @@ def evaluate(rollout_group, task, samples: int) -> tuple[float, int]:
     return sum(r.reward for r in outs) / len(outs), sum(len(r.token_ids) for r in outs)
 
 
+def weight_sync_check(rollout_group, learner_group, task) -> dict:
+    """Score one fixed sequence with the rollout engine and with the learner; after a push they must agree."""
+    digits = task.heldout_prompts()[0]
+    token_ids = task.prompt_ids(digits) + task.answer_ids(digits)
+    engine = rollout_group.sequence_logprobs(token_ids)
+    learner = learner_group.sequence_logprobs(token_ids)
+    return {"token_ids": token_ids, "engine": engine, "learner": learner,
+            "max_abs_diff": max(abs(a - b) for a, b in zip(engine, learner))}
+
+
 def train(cfg: Config, run_dir: str, log=print) -> dict:
     import ray
     import wandb
@@ -123,6 +133,8 @@ def train(cfg: Config, run_dir: str, log=print) -> dict:
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",
                         prefix=f"{metrics['tree/prefix_share']:.2f}")
     train_s = time.time() - t_train
+    sync_check = weight_sync_check(rollout, learner, task)
+    log(f"[graftrl] weight sync check: max |engine - learner| logprob = {sync_check['max_abs_diff']:.2e}")
     success_after, tok = evaluate(rollout, task, tc.eval_samples)
     c.eval_tokens += tok
     run.log({"eval/heldout_success": success_after}, step=tc.steps)
@@ -132,6 +144,7 @@ def train(cfg: Config, run_dir: str, log=print) -> dict:
         "steps": tc.steps, "heldout_success_before": success_before, "heldout_success_after": success_after,
         "rollouts": c.rollouts, "rollouts_from_prefix": c.rollouts_from_prefix, "generated_tokens": c.generated_tokens,
         "eval_tokens": c.eval_tokens, "final_loss": c.history[-1].get("learner/loss"),
+        "policy_version": learner.version(), "weight_sync_check": sync_check,
         "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }
