@@ -18,6 +18,8 @@ class RolloutRequest:
     """Token ids of the task prompt (never trained on)."""
     prefix_ids: list[int] = field(default_factory=list)
     """Stored continuation prefix to re-enter; empty for a root start (never trained on)."""
+    forced: bool = False
+    """The last prefix token was forced at the branch point (a top-k alternative), not sampled there."""
     n: int = 1
     """Number of continuations to sample from prompt + prefix."""
     branch_ref: int = -1
@@ -39,6 +41,10 @@ class Rollout:
     """Entropy estimate of the sampling distribution at each new token (from top-k)."""
     top1_logprobs: list[float]
     """Logprob of the most likely token at each new position (1 - max prob = 1 - exp of it)."""
+    alt_token_ids: list[int]
+    """Most likely token other than the sampled one at each new position (-1 if top-k had none)."""
+    alt_logprobs: list[float]
+    """Its logprob (-inf... stored as -1e9 when absent); what a forced branch would start from."""
     reward: float
     """Outcome reward of prefix + new tokens from the task verifier."""
     policy_version: int
@@ -46,6 +52,8 @@ class Rollout:
     actor_id: int
     """Which rollout actor generated it."""
     branch_ref: int = -1
+    forced: bool = False
+    """Copied from the request: prefix_ids[-1] was forced at the branch point."""
 
     @property
     def continuation(self) -> list[int]:
@@ -61,6 +69,8 @@ class BranchPoint:
     """Continuation tokens before the branch position; sampling resumes after them."""
     token_id: int
     """The token stored at the branch position (resampling may replace it)."""
+    forced_token: int
+    """Action `force`: the top-k alternative to put at the branch position; -1 for `resample`."""
     score: float
     """Scorer value that ranked this position."""
     ref: int

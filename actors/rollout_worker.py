@@ -62,17 +62,23 @@ class RolloutWorker:
         for req, out in zip(requests, outputs):
             for comp in out.outputs:
                 tokens = list(comp.token_ids)
-                lps, ents, top1s = [], [], []
+                lps, ents, top1s, alts, alt_lps = [], [], [], [], []
                 for tok, pos in zip(tokens, comp.logprobs):
                     lps.append(pos[tok].logprob)
-                    topk = sorted((lp.logprob for lp in pos.values()), reverse=True)[: self.cfg.top_k_logprobs]
-                    ents.append(entropy_from_topk(topk))
-                    top1s.append(topk[0])
+                    # vLLM returns the top-k plus the sampled token; keep exactly the top-k.
+                    topk = sorted(((lp.logprob, t) for t, lp in pos.items()), reverse=True)[: self.cfg.top_k_logprobs]
+                    ents.append(entropy_from_topk([lp for lp, _ in topk]))
+                    top1s.append(topk[0][0])
+                    alt = next(((lp, t) for lp, t in topk if t != tok), (-1e9, -1))
+                    alts.append(alt[1])
+                    alt_lps.append(alt[0])
                 rollouts.append(Rollout(
                     request_id=req.request_id, root_id=req.root_id, prompt_ids=req.prompt_ids,
                     prefix_ids=req.prefix_ids, token_ids=tokens, logprobs=lps, entropy=ents, top1_logprobs=top1s,
+                    alt_token_ids=alts, alt_logprobs=alt_lps,
                     reward=self.task.reward(req.prompt_ids, req.prefix_ids + tokens),
-                    policy_version=self.version, actor_id=self.actor_id, branch_ref=req.branch_ref))
+                    policy_version=self.version, actor_id=self.actor_id, branch_ref=req.branch_ref,
+                    forced=req.forced))
         return rollouts
 
     def update_weights(self, payload: bytes, version: int) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,13 +25,34 @@ class ConfigError(ValueError):
 @dataclass
 class TaskConfig:
     name: str = "chain"
-    """Task name. `chain`: H dependent steps (running sums mod 10 of the prompt digits)."""
+    """Task (docs/TASKS.md). `chain`: H dependent steps (running sums mod `modulus` of the prompt symbols);
+    `arithmetic`: synthetic multi-step word problems, numeric answer; `jsonl`: prompts from `data_path`.
+    `arithmetic` and `jsonl` need `model.path` (a Hugging Face model folder with a tokenizer)."""
     horizon: int = 4
-    """H: number of dependent steps; the outcome reward is 1 only if all H are right."""
+    """H: number of dependent steps (chain: the outcome reward is 1 only if all H are right; arithmetic: operations per problem)."""
+    modulus: int = 10
+    """Chain task: size m of the step alphabet (the digits 0..m-1), 2 <= m <= 10."""
+    prompt_len: Optional[int] = None
+    """Chain task: prompt symbols L (None: L = H); step i adds symbol ((i-1) mod L) + 1."""
     heldout_size: int = 128
     """Number of held-out prompts (disjoint from training prompts) used for evaluation."""
     seed: int = 0
-    """Seed of the train/held-out split."""
+    """Seed of the train/held-out split (and of the arithmetic problem pool)."""
+    verifier: Optional[str] = None
+    """Text tasks: verifier name (chain, numeric, gsm8k, exact) or import path `module:function`, which runs that
+    module's code; None: numeric."""
+    data_path: Optional[str] = None
+    """Task `jsonl`: file of {"prompt": ..., "answer": ...} lines; a fifth is held out by a hash of the prompt."""
+    heldout_path: Optional[str] = None
+    """Task `jsonl`: optional separate held-out file (training prompts that also appear in it are dropped)."""
+    on_bad_line: str = "skip"
+    """Task `jsonl`: malformed lines are reported by line number and skipped (`skip`) or stop the run (`reject`)."""
+    num_examples: int = 5000
+    """Task `arithmetic`: size of the problem pool (train + held-out), generated from `seed`."""
+    max_new_tokens: int = 256
+    """Text tasks: generation budget per sample, in tokens."""
+    chat_template: bool = True
+    """Text tasks: wrap the prompt in the tokenizer's chat template when it has one."""
 
 
 @dataclass
@@ -88,10 +109,18 @@ class StoreConfig:
     """Share of each step's rollouts that start from stored prefixes (the rest from the prompt)."""
     max_branches_per_position: int = 2
     """A position is not handed out again once it was branched this many times."""
-    max_nodes: int = 200_000
-    """Memory bound per shard, in tree nodes; oldest trees are evicted beyond it."""
+    max_tokens: int = 5_000_000
+    """Memory bound per shard in stored tokens (~32 bytes each + node overhead); least recently used trees go first."""
     beta: float = 0.1
     """Temperature of the soft-value accumulator, V = beta * log mean exp(r / beta)."""
+    branch_action: str = "resample"
+    """How a branch point is re-entered: `resample` the position, or `force` the best top-k alternative there."""
+    step_delimiter: int = -1
+    """Token id that ends a reasoning step for the ReBalance scorers; -1: every token is a step."""
+    scorer_weights: Dict[str, float] = field(default_factory=lambda: {"outcome_uncertainty": 1.0, "entropy": 0.5})
+    """Weights of the `combined` scorer (standardised scores of the named scorers)."""
+    snapshot_every: int = 50
+    """Snapshot every shard to runs/<id>/store.shard<i>.npz every this many steps (0: only at the end)."""
 
 
 @dataclass
@@ -167,8 +196,10 @@ class Config:
 
 
 _CHOICES = {
-    "task.name": ("chain",),
+    "task.name": ("chain", "arithmetic", "jsonl"),
+    "task.on_bad_line": ("skip", "reject"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
+    "store.branch_action": ("resample", "force"),
     "learner.advantage": ("group", "group_norm"),
     "wandb.mode": ("offline", "online", "disabled"),
 }

@@ -34,7 +34,9 @@ def make_requests(task, rng: random.Random, branch_points, *, prompts: int, n: i
     from actors.messages import RolloutRequest
 
     reqs = [RolloutRequest(request_id=step * 100_000 + i, root_id=bp.root_id, prompt_ids=bp.prompt_ids,
-                           prefix_ids=bp.prefix_ids, n=n, branch_ref=bp.ref) for i, bp in enumerate(branch_points)]
+                           prefix_ids=bp.prefix_ids + ([bp.forced_token] if bp.forced_token >= 0 else []),
+                           forced=bp.forced_token >= 0, n=n, branch_ref=bp.ref)
+            for i, bp in enumerate(branch_points)]
     for digits in task.train_prompts(rng, prompts - len(reqs)):
         reqs.append(RolloutRequest(request_id=step * 100_000 + len(reqs), root_id=task.root_id(digits),
                                    prompt_ids=task.prompt_ids(digits), n=n))
@@ -128,6 +130,8 @@ def train(cfg: Config, run_dir: str, log=print) -> dict:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < tc.steps:
             metrics["eval/heldout_success"], tok = evaluate(rollout, task, tc.eval_samples)
             c.eval_tokens += tok
+        if cfg.store.snapshot_every and (step + 1) % cfg.store.snapshot_every == 0:
+            store.snapshot(os.path.join(run_dir, "store"))
         run.log(metrics, step=step + 1)
         c.history.append({"step": step + 1, "generated_tokens": c.generated_tokens, **metrics})
         bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",

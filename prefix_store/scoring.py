@@ -31,6 +31,10 @@ class Candidates:
     """Continuations observed through the prefix y_<t."""
     reward_sum: np.ndarray
     """Sum of their outcome rewards (successes for 0/1 rewards)."""
+    step_conf: np.ndarray = None  # type: ignore[assignment]
+    """ReBalance step confidence c_s of the step holding y_t (mean max-prob over the step)."""
+    step_var: np.ndarray = None  # type: ignore[assignment]
+    """ReBalance confidence variance v_s = (c_s - c_{s-1})^2 / 4."""
 
 
 def entropy_from_topk(topk_logprobs: list[float]) -> float:
@@ -78,18 +82,62 @@ def score_random(c: Candidates, rng: np.random.Generator) -> np.ndarray:
     return rng.random(len(c.logprob))
 
 
+def score_step_confidence(c: Candidates, rng: np.random.Generator) -> np.ndarray:
+    """score = 1 - c_s: branch inside the steps the model was least sure of (ReBalance, arXiv 2603.12372)."""
+    return 1.0 - c.step_conf
+
+
+def score_confidence_variance(c: Candidates, rng: np.random.Generator) -> np.ndarray:
+    """score = v_s = (c_s - c_{s-1})^2 / 4: branch where confidence swings between steps (ReBalance)."""
+    return c.step_var
+
+
 Scorer = Callable[[Candidates, np.random.Generator], np.ndarray]
 
 SCORERS: dict[str, Scorer] = {
     "entropy": score_entropy,
     "surprise": score_surprise,
     "one_minus_max_prob": score_one_minus_max_prob,
+    "step_confidence": score_step_confidence,
+    "confidence_variance": score_confidence_variance,
     "outcome_uncertainty": score_outcome_uncertainty,
     "random": score_random,
+    "combined": None,  # type: ignore[dict-item]  # built by get_scorer from weights
 }
 
 
-def get_scorer(name: str) -> Scorer:
+def register_scorer(name: str):
+    """Decorator: make a new scorer selectable by name from config."""
+    def wrap(fn: Scorer) -> Scorer:
+        SCORERS[name] = fn
+        return fn
+    return wrap
+
+
+def combined_scorer(weights: dict[str, float]) -> Scorer:
+    """score = sum_j w_j * z(score_j),  z(x) = (x - mean x) / (std x + 1e-9) over the current candidates.
+
+    Standardising first puts scorers with different units (nats, probabilities,
+    variances) on one scale, so the weights say how much each one counts.
+    """
+    unknown = [n for n in weights if n not in SCORERS or n == "combined"]
+    if unknown or not weights:
+        raise ValueError(f"combined scorer weights {dict(weights)} must name scorers among "
+                         f"{', '.join(n for n in SCORERS if n != 'combined')}")
+
+    def score(c: Candidates, rng: np.random.Generator) -> np.ndarray:
+        total = np.zeros(len(c.logprob))
+        for name, w in weights.items():
+            x = np.asarray(SCORERS[name](c, rng), dtype=np.float64)
+            total += w * (x - x.mean()) / (x.std() + 1e-9)
+        return total
+
+    return score
+
+
+def get_scorer(name: str, weights: dict[str, float] | None = None) -> Scorer:
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(SCORERS)}")
+    if name == "combined":
+        return combined_scorer(dict(weights or {}))
     return SCORERS[name]

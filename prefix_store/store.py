@@ -21,8 +21,10 @@ def shard_of(root_id: str, num_shards: int) -> int:
 
 class PrefixStore:
     def __init__(self, *, store_cfg, vocab_size: int, seed: int, remote: bool = True):
-        kwargs = dict(scorer=store_cfg.scorer, beta=store_cfg.beta, max_nodes=store_cfg.max_nodes,
-                      max_branches_per_position=store_cfg.max_branches_per_position, vocab_size=vocab_size)
+        kwargs = dict(scorer=store_cfg.scorer, beta=store_cfg.beta, max_tokens=store_cfg.max_tokens,
+                      max_branches_per_position=store_cfg.max_branches_per_position, vocab_size=vocab_size,
+                      branch_action=store_cfg.branch_action, step_delimiter=store_cfg.step_delimiter,
+                      scorer_weights=dict(store_cfg.scorer_weights))
         self.remote = remote
         n = max(1, store_cfg.num_shards)
         if remote:
@@ -61,4 +63,8 @@ class PrefixStore:
         return dict(total)
 
     def snapshot(self, path_prefix: str) -> None:
-        self._call([(i, "snapshot", (f"{path_prefix}.shard{i}.json.gz",)) for i in range(len(self.shards))])
+        """One file per shard: <path_prefix>.shard<i>.npz."""
+        self._call([(i, "snapshot", (f"{path_prefix}.shard{i}.npz",)) for i in range(len(self.shards))])
+
+    def restore(self, path_prefix: str) -> None:
+        self._call([(i, "restore", (f"{path_prefix}.shard{i}.npz",)) for i in range(len(self.shards))])

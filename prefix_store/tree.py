@@ -1,4 +1,4 @@
-"""One shard of the prefix store: a radix tree of rollouts per root (prompt).
+"""One shard of the prefix store: a radix tree of rollouts per root (prompt), stored column-wise.
 
 Owns: the trees, per-token observations along edges, per-node outcome
 statistics, branch-point selection and bookkeeping, eviction, snapshots.
@@ -9,241 +9,376 @@ Layout of one tree (continuation tokens only; the prompt is the root key):
     root ──[3 5]──► n1 ──[8 2 <eos>]──► leaf   (trajectory A: 3 5 8 2 <eos>)
                      └──[9 1 <eos>]──► leaf   (trajectory B: 3 5 9 1 <eos>)
 
+Storage. Every token of every edge lives in one *token pool* (parallel numpy
+columns: token id, sampled logprob, entropy, top-1 logprob, best alternative
+token and its logprob, ReBalance step confidence/variance, branch count, the
+node that owns it and the node whose statistics describe the prefix before
+it). An edge is a contiguous slice of the pool: splitting an edge only cuts
+a slice, and selecting branch points is a vectorised pass over the pool.
+Nodes are rows of parallel arrays too (parent, slice, depth, visits, reward
+sum and sum of squares, soft-value accumulator, version, actor, terminal
+count); `children` maps node * vocab + first token to the child.
+
 A node's statistics count the trajectories whose continuation passes
 through its *edge*; every token of one edge therefore shares them. A branch
-point is (node, offset): re-enter the prefix that ends just before
-edge token `offset` and sample from there.
+point at pool index t re-enters the prefix that ends just before token t.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from actors.messages import BranchPoint, Rollout
 from prefix_store.scoring import Candidates, get_scorer
 
+BRANCH_ACTIONS = ("resample", "force")
+
+# Per-token columns and their dtypes: 32 bytes per stored token.
+TOKEN_COLUMNS = {
+    "tok": np.int32, "logprob": np.float32, "entropy": np.float16, "top1": np.float16,
+    "alt_tok": np.int32, "alt_lp": np.float16, "step_conf": np.float16, "step_var": np.float16,
+    "branches": np.uint8, "eligible": np.uint8, "owner": np.int32, "stats_node": np.int32,
+}
+NODE_COLUMNS = {
+    "parent": np.int32, "off": np.int64, "length": np.int32, "start": np.int32, "root": np.int32,
+    "visits": np.int32, "terminal": np.int32, "reward_sum": np.float64, "reward_sq": np.float64,
+    "soft_lse": np.float64, "version": np.int32, "actor": np.int32,
+}
+
 
 class StoreInputError(ValueError):
     """A rejected insert or lookup; the store is unchanged."""
 
 
-class Node:
-    __slots__ = (
-        "tokens", "logprob", "entropy", "top1_logprob", "children", "parent", "start",
-        "visits", "reward_sum", "reward_sq", "soft_lse", "version", "actor", "branch_counts",
-    )
+class Columns:
+    """Parallel growable numpy columns; `n` rows used."""
 
-    def __init__(self, parent: "Node | None", start: int):
-        self.tokens: list[int] = []
-        self.logprob: list[float] = []
-        self.entropy: list[float] = []
-        self.top1_logprob: list[float] = []
-        self.children: dict[int, Node] = {}
-        self.parent = parent
-        self.start = start  # depth (continuation index) of the edge's first token
-        self.visits = 0
-        self.reward_sum = 0.0
-        self.reward_sq = 0.0
-        self.soft_lse = -math.inf  # log sum exp(r / beta) over trajectories through the edge
-        self.version = -1
-        self.actor = -1
-        self.branch_counts: dict[int, int] = {}
+    def __init__(self, spec: dict, capacity: int = 1024):
+        self.spec = spec
+        self.n = 0
+        self.cols = {k: np.zeros(capacity, dtype=dt) for k, dt in spec.items()}
 
-    def split(self, k: int) -> "Node":
-        """Cut this edge before token k; returns the new upper node holding tokens[:k]."""
-        upper = Node(self.parent, self.start)
-        for name in ("tokens", "logprob", "entropy", "top1_logprob"):
-            seq = getattr(self, name)
-            setattr(upper, name, seq[:k])
-            setattr(self, name, seq[k:])
-        for name in ("visits", "reward_sum", "reward_sq", "soft_lse", "version", "actor"):
-            setattr(upper, name, getattr(self, name))
-        upper.branch_counts = {o: c for o, c in self.branch_counts.items() if o < k}
-        self.branch_counts = {o - k: c for o, c in self.branch_counts.items() if o >= k}
-        assert self.parent is not None
-        self.parent.children[upper.tokens[0]] = upper
-        upper.children[self.tokens[0]] = self
-        self.parent = upper
-        self.start += k
-        return upper
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
 
-    def soft_value(self, beta: float) -> float:
-        """V = beta * log( (1/n) sum exp(r / beta) ) over the trajectories through this edge."""
-        return beta * (self.soft_lse - math.log(self.visits)) if self.visits else float("nan")
+    def reserve(self, extra: int) -> None:
+        need = self.n + extra
+        cap = len(self.cols["tok" if "tok" in self.cols else "parent"])
+        if need > cap:
+            new_cap = max(need, 2 * cap)
+            for k, a in self.cols.items():
+                b = np.zeros(new_cap, dtype=a.dtype)
+                b[: self.n] = a[: self.n]
+                self.cols[k] = b
+
+    def append(self, count: int) -> int:
+        """Allocate `count` rows at the end; returns the first row index."""
+        self.reserve(count)
+        first = self.n
+        self.n += count
+        return first
+
+    def nbytes_used(self) -> int:
+        return sum(a.dtype.itemsize * self.n for a in self.cols.values())
 
 
 @dataclass
-class Tree:
-    root: Node
+class Root:
+    name: str
+    index: int
+    """Value of the node column `root` for this tree's nodes."""
+    node: int
     prompt_ids: list[int]
     last_use: int = 0
-    num_nodes: int = 1
+    nodes: list[int] = field(default_factory=list)
+    """Every node id of this tree (root node first)."""
+
+
+@dataclass
+class Claim:
+    """What a handed-out branch point remembers until its continuations come back."""
+    root_id: str
+    entropy: float
+    top1: float
+    alt_lp: float
 
 
 class PrefixShard:
     """Radix trees for the roots assigned to this shard."""
 
-    def __init__(self, *, scorer: str, beta: float, max_branches_per_position: int,
-                 max_nodes: int, vocab_size: int, seed: int = 0):
-        self.scorer = get_scorer(scorer)
+    def __init__(self, *, scorer: str, beta: float, max_branches_per_position: int, max_tokens: int,
+                 vocab_size: int, seed: int = 0, branch_action: str = "resample", step_delimiter: int = -1,
+                 scorer_weights: dict[str, float] | None = None):
+        if branch_action not in BRANCH_ACTIONS:
+            raise ValueError(f"unknown branch action {branch_action!r}; choose one of {', '.join(BRANCH_ACTIONS)}")
+        self.scorer = get_scorer(scorer, scorer_weights)
         self.beta = beta
-        self.max_branches = max_branches_per_position
-        self.max_nodes = max_nodes
+        self.max_branches = min(max_branches_per_position, 255)
+        self.max_tokens = max_tokens
         self.vocab_size = vocab_size
+        self.branch_action = branch_action
+        self.step_delimiter = step_delimiter
         self.rng = np.random.default_rng(seed)
-        self.trees: dict[str, Tree] = {}
+        self.pool = Columns(TOKEN_COLUMNS)
+        self.nodes = Columns(NODE_COLUMNS, capacity=256)
+        self.children: dict[int, int] = {}
+        self.roots: dict[str, Root] = {}
+        self.root_by_index: dict[int, Root] = {}
+        self.live_tokens = 0
         self.clock = 0
-        self.outstanding: dict[int, str] = {}  # branch ref -> root id (pins the tree)
+        self.outstanding: dict[int, Claim] = {}
         self.next_ref = 0
 
-    # ---- insert ----------------------------------------------------------------
+    # ---- nodes -----------------------------------------------------------------
+    def _new_node(self, parent: int, off: int, length: int, start: int, root: int) -> int:
+        i = self.nodes.append(1)
+        c = self.nodes
+        c["parent"][i], c["off"][i], c["length"][i], c["start"][i], c["root"][i] = parent, off, length, start, root
+        c["soft_lse"][i] = -np.inf
+        c["version"][i] = c["actor"][i] = -1
+        return i
+
+    def _child(self, node: int, token: int) -> int:
+        return self.children.get(node * self.vocab_size + token, -1)
+
+    def _edge(self, node: int) -> np.ndarray:
+        off, n = int(self.nodes["off"][node]), int(self.nodes["length"][node])
+        return self.pool["tok"][off : off + n]
+
+    def _split(self, node: int, k: int) -> int:
+        """Cut `node`'s edge before its k-th token; returns the new upper node (tokens [0, k))."""
+        c, p = self.nodes, self.pool
+        off, parent = int(c["off"][node]), int(c["parent"][node])
+        first = int(p["tok"][off])
+        upper = self._new_node(parent, off, k, int(c["start"][node]), int(c["root"][node]))
+        for name in ("visits", "terminal", "reward_sum", "reward_sq", "soft_lse", "version", "actor"):
+            c[name][upper] = c[name][node]
+        c["terminal"][upper] = 0  # trajectories ending at the old edge end still end below
+        c["off"][node] += k
+        c["length"][node] -= k
+        c["start"][node] += k
+        c["parent"][node] = upper
+        self.children[parent * self.vocab_size + first] = upper
+        self.children[upper * self.vocab_size + int(p["tok"][off + k])] = node
+        p["owner"][off : off + k] = upper
+        p["stats_node"][off + 1 : off + k + 1] = upper  # prefixes ending inside (or at the end of) the upper edge
+        self.root_by_index[int(c["root"][node])].nodes.append(upper)
+        return upper
+
+    # ---- validation ------------------------------------------------------------
+    def _locate(self, root_id: str, prefix: list[int]) -> tuple[int, int] | None:
+        """(node, tokens of its edge used) where `prefix` ends; None if it is not stored."""
+        root = self.roots.get(root_id)
+        if root is None:
+            return None
+        node, i = root.node, 0
+        while i < len(prefix):
+            child = self._child(node, prefix[i])
+            if child < 0:
+                return None
+            edge = self._edge(child)
+            n = min(len(edge), len(prefix) - i)
+            if not np.array_equal(edge[:n], prefix[i : i + n]):
+                return None
+            node, i = child, i + n
+            if n < len(edge):
+                return node, n
+        return node, int(self.nodes["length"][node]) if node != root.node else 0
+
     def _check(self, r: Rollout) -> None:
-        cont = r.continuation
         if not r.token_ids:
             raise StoreInputError(f"rollout {r.request_id} of root {r.root_id!r} has no new tokens; nothing to store")
-        bad = [t for t in cont if not 0 <= t < self.vocab_size]
+        cont = r.continuation
+        bad = [t for t in cont + r.alt_token_ids if not (0 <= t < self.vocab_size or t == -1)] + \
+              [t for t in cont if t == -1]
         if bad:
             raise StoreInputError(f"rollout {r.request_id} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        arrays = (r.logprobs, r.entropy, r.top1_logprobs)
+        arrays = (r.logprobs, r.entropy, r.top1_logprobs, r.alt_token_ids, r.alt_logprobs)
         if any(len(a) != len(r.token_ids) for a in arrays):
-            raise StoreInputError(f"rollout {r.request_id}: logprobs/entropy/top1 lengths differ from {len(r.token_ids)} tokens")
-        if not all(math.isfinite(x) for a in arrays for x in a) or not math.isfinite(r.reward):
+            raise StoreInputError(f"rollout {r.request_id}: per-token arrays differ in length from its {len(r.token_ids)} tokens")
+        if not all(math.isfinite(x) for a in arrays[:3] for x in a) or not math.isfinite(r.reward):
             raise StoreInputError(f"rollout {r.request_id} of root {r.root_id!r} carries NaN or infinite values")
-        if r.prefix_ids and not self._has_prefix(r.root_id, r.prefix_ids):
+        stored = r.prefix_ids[:-1] if r.forced else r.prefix_ids
+        if r.prefix_ids and self._locate(r.root_id, stored) is None:
             raise StoreInputError(f"rollout {r.request_id}: its prefix is not stored under root {r.root_id!r}")
+        if r.forced and (not r.prefix_ids or r.branch_ref not in self.outstanding):
+            raise StoreInputError(f"rollout {r.request_id}: forced without an outstanding branch point")
 
-    def _has_prefix(self, root_id: str, prefix: list[int]) -> bool:
-        tree = self.trees.get(root_id)
-        if tree is None:
-            return False
-        node, i = tree.root, 0
-        while i < len(prefix):
-            child = node.children.get(prefix[i])
-            if child is None:
-                return False
-            n = min(len(child.tokens), len(prefix) - i)
-            if child.tokens[:n] != prefix[i : i + n]:
-                return False
-            node, i = child, i + n
-        return True
-
+    # ---- insert ----------------------------------------------------------------
     def insert(self, rollouts: list[Rollout]) -> int:
-        """Add trajectories and their outcomes. All are validated first: one bad rollout rejects the batch."""
+        """Add trajectories and their outcomes. All are validated first: one bad rollout rejects the batch.
+
+        Returns the number of new tokens stored.
+        """
         for r in rollouts:
             self._check(r)
-        added = 0
+        added = sum(self._insert_one(r) for r in rollouts)
         for r in rollouts:
-            added += self._insert_one(r)
-            if r.branch_ref >= 0:
-                self.outstanding.pop(r.branch_ref, None)
+            self.outstanding.pop(r.branch_ref, None)
         self.evict()
         return added
 
+    def _token_observations(self, r: Rollout) -> dict[str, np.ndarray]:
+        """Columns for every continuation position; prefix positions are filled from the tree when needed."""
+        n_new = len(r.token_ids)
+        obs = {"logprob": r.logprobs, "entropy": r.entropy, "top1": r.top1_logprobs,
+               "alt_tok": r.alt_token_ids, "alt_lp": r.alt_logprobs}
+        obs = {k: np.asarray(v, dtype=np.float64) for k, v in obs.items()}
+        obs["alt_lp"] = np.maximum(obs["alt_lp"], -1e4)  # "no alternative" sentinel, kept finite in float16
+        if r.forced:  # the forced token was drawn from the same distribution as the token it replaced
+            claim = self.outstanding[r.branch_ref]
+            head = {"logprob": claim.alt_lp, "entropy": claim.entropy, "top1": claim.top1, "alt_tok": -1, "alt_lp": -1e4}
+            obs = {k: np.concatenate([[head[k]], v]) for k, v in obs.items()}
+        conf, var = self._step_stats(r, np.exp(obs["top1"]))
+        obs["step_conf"], obs["step_var"] = conf, var
+        assert all(len(v) == n_new + int(r.forced) for v in obs.values())
+        return obs
+
+    def _step_stats(self, r: Rollout, max_prob_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ReBalance step statistics for the new tokens (arXiv 2603.12372).
+
+        Steps are split after each `step_delimiter` token (every token is its own
+        step when the delimiter is -1). Step confidence c_s = mean of max_a pi(a|.)
+        over the step's tokens; confidence variance v_s = (c_s - c_{s-1})^2 / 4.
+        Only new tokens are considered: a step straddling the branch point is
+        measured on its new part.
+        """
+        toks = r.continuation[len(r.continuation) - len(max_prob_new):]
+        conf = np.empty(len(toks))
+        var = np.empty(len(toks))
+        prev_c, start = None, 0
+        for i, tok in enumerate(toks):
+            if self.step_delimiter == -1 or tok == self.step_delimiter or i == len(toks) - 1:
+                c = float(max_prob_new[start : i + 1].mean())
+                conf[start : i + 1] = c
+                var[start : i + 1] = 0.0 if prev_c is None else (c - prev_c) ** 2 / 4
+                prev_c, start = c, i + 1
+        return conf, var
+
     def _insert_one(self, r: Rollout) -> int:
         self.clock += 1
-        tree = self.trees.get(r.root_id)
-        if tree is None:
-            tree = self.trees[r.root_id] = Tree(root=Node(None, 0), prompt_ids=list(r.prompt_ids))
-        tree.last_use = self.clock
+        root = self.roots.get(r.root_id)
+        if root is None:
+            index = max(self.root_by_index, default=-1) + 1
+            node = self._new_node(-1, 0, 0, 0, index)
+            root = Root(name=r.root_id, index=index, node=node, prompt_ids=list(r.prompt_ids), nodes=[node])
+            self.roots[r.root_id] = self.root_by_index[index] = root
+        root.last_use = self.clock
         cont = r.continuation
-        n_prefix = len(r.prefix_ids)
-        # Observations for new tokens; prefix tokens already exist in the tree.
-        obs = lambda j: (r.logprobs[j - n_prefix], r.entropy[j - n_prefix], r.top1_logprobs[j - n_prefix])
-        path = [tree.root]
-        node, i, added = tree.root, 0, 0
+        n_old = len(cont) - len(r.token_ids) - int(r.forced)  # positions already observed in the tree
+        obs = None
+        c = self.nodes
+        path = [root.node]
+        node, i, added = root.node, 0, 0
         while i < len(cont):
-            child = node.children.get(cont[i])
-            if child is None:  # new leaf with the rest of the continuation
-                if i < n_prefix:
-                    raise StoreInputError(f"rollout {r.request_id}: prefix vanished from root {r.root_id!r}")
-                leaf = Node(node, i)
-                for j in range(i, len(cont)):
-                    lp, ent, top1 = obs(j)
-                    leaf.tokens.append(cont[j]); leaf.logprob.append(lp)
-                    leaf.entropy.append(ent); leaf.top1_logprob.append(top1)
-                leaf.version, leaf.actor = r.policy_version, r.actor_id
-                node.children[cont[i]] = leaf
-                tree.num_nodes += 1
-                added += 1
+            child = self._child(node, cont[i])
+            if child < 0:  # a new leaf holds the rest of the continuation
+                if obs is None:
+                    obs = self._token_observations(r)
+                count = len(cont) - i
+                off = self.pool.append(count)
+                leaf = self._new_node(node, off, count, i, root.index)
+                p = self.pool
+                sl = slice(off, off + count)
+                p["tok"][sl] = cont[i:]
+                for name in ("logprob", "entropy", "top1", "alt_tok", "alt_lp", "step_conf", "step_var"):
+                    p[name][sl] = obs[name][i - n_old:]
+                p["branches"][sl] = 0
+                p["owner"][sl] = leaf
+                p["stats_node"][sl] = leaf
+                p["stats_node"][off] = node
+                p["eligible"][sl] = 1
+                if i == 0:
+                    p["eligible"][off] = 0  # an empty prefix is a root start, not a branch point
+                c["version"][leaf], c["actor"][leaf] = r.policy_version, r.actor_id
+                self.children[node * self.vocab_size + cont[i]] = leaf
+                root.nodes.append(leaf)
+                self.live_tokens += count
+                added += count
                 path.append(leaf)
                 break
-            k = 0
-            while k < len(child.tokens) and i + k < len(cont) and child.tokens[k] == cont[i + k]:
-                k += 1
-            if k < len(child.tokens):  # diverges (or ends) inside the edge
-                child = child.split(k)
-                tree.num_nodes += 1
-                added += 1
+            edge = self._edge(child)
+            n = min(len(edge), len(cont) - i)
+            diff = np.flatnonzero(edge[:n] != np.asarray(cont[i : i + n]))
+            k = int(diff[0]) if len(diff) else n
+            if k < len(edge):  # diverges or ends inside the edge
+                child = self._split(child, k)
             path.append(child)
             node, i = child, i + k
-        for n in path:
-            n.visits += 1
-            n.reward_sum += r.reward
-            n.reward_sq += r.reward * r.reward
-            n.soft_lse = float(np.logaddexp(n.soft_lse, r.reward / self.beta))
+        for n_ in path:
+            c["visits"][n_] += 1
+            c["reward_sum"][n_] += r.reward
+            c["reward_sq"][n_] += r.reward * r.reward
+            c["soft_lse"][n_] = np.logaddexp(c["soft_lse"][n_], r.reward / self.beta)
+        c["terminal"][path[-1]] += 1
         return added
 
     # ---- select ----------------------------------------------------------------
-    def _candidates(self):
-        """Every (tree, node, offset) that may still be branched, with its observations."""
-        where, cols = [], ([], [], [], [], [])
-        for root_id, tree in self.trees.items():
-            stack = list(tree.root.children.values())
-            while stack:
-                node = stack.pop()
-                stack.extend(node.children.values())
-                for off in range(len(node.tokens)):
-                    if node.start + off == 0:  # prefix would be empty: that is a root start
-                        continue
-                    if node.branch_counts.get(off, 0) >= self.max_branches:
-                        continue
-                    # Statistics of the prefix y_<t: this edge if t is not its first token, else the parent's.
-                    stats = node if off > 0 else node.parent
-                    where.append((root_id, node, off))
-                    for col, v in zip(cols, (node.logprob[off], node.entropy[off], node.top1_logprob[off],
-                                             stats.visits, stats.reward_sum)):
-                        col.append(v)
-        return where, Candidates(*(np.asarray(c, dtype=np.float64) for c in cols))
+    def _candidate_positions(self) -> np.ndarray:
+        p = self.pool
+        n = p.n
+        return np.flatnonzero((p["eligible"][:n] == 1) & (p["branches"][:n] < self.max_branches))
 
     def peek(self, k: int) -> list[BranchPoint]:
         """The k best branch points by the configured scorer, one per distinct prefix; no side effects."""
-        if k <= 0 or not self.trees:
+        if k <= 0:
             return []
-        where, cand = self._candidates()
-        if not where:
+        idx = self._candidate_positions()
+        if len(idx) == 0:
             return []
-        scores = self.scorer(cand, self.rng)
-        order = np.argsort(-scores, kind="stable")
+        p, c = self.pool, self.nodes
+        stats = p["stats_node"][idx]
+        cand = Candidates(logprob=p["logprob"][idx].astype(np.float64), entropy=p["entropy"][idx].astype(np.float64),
+                          top1_logprob=p["top1"][idx].astype(np.float64), visits=c["visits"][stats].astype(np.float64),
+                          reward_sum=c["reward_sum"][stats], step_conf=p["step_conf"][idx].astype(np.float64),
+                          step_var=p["step_var"][idx].astype(np.float64))
+        scores = np.asarray(self.scorer(cand, self.rng), dtype=np.float64)
+        # Sibling first tokens share a prefix: over-fetch, then keep one per prefix.
+        m = min(len(idx), 4 * k)
+        top = np.argpartition(-scores, m - 1)[:m] if m < len(idx) else np.arange(len(idx))
+        top = top[np.argsort(-scores[top], kind="stable")]
         out, seen = [], set()
-        for idx in order:
-            root_id, node, off = where[idx]
-            prefix = self.path_tokens(node)[: node.start + off]
-            key = (root_id, tuple(prefix))
-            if key in seen:  # sibling edges share the prefix before their first token
+        for j in top:
+            t = int(idx[j])
+            owner = int(p["owner"][t])
+            first_of_edge = t == int(c["off"][owner])
+            key = ("node", int(p["stats_node"][t])) if first_of_edge else ("tok", t)
+            if key in seen:
                 continue
             seen.add(key)
-            out.append(BranchPoint(root_id=root_id, prompt_ids=list(self.trees[root_id].prompt_ids),
-                                   prefix_ids=prefix, token_id=node.tokens[off], score=float(scores[idx]), ref=-1))
+            out.append(self._branch_point(t, float(scores[j])))
             if len(out) == k:
                 break
         return out
+
+    def _branch_point(self, t: int, score: float) -> BranchPoint:
+        p, c = self.pool, self.nodes
+        owner = int(p["owner"][t])
+        root = self.root_by_index[int(c["root"][owner])]
+        prefix = self.path_tokens(owner)[: int(c["start"][owner]) + t - int(c["off"][owner])]
+        forced = int(p["alt_tok"][t]) if self.branch_action == "force" else -1
+        return BranchPoint(root_id=root.name, prompt_ids=list(root.prompt_ids), prefix_ids=prefix,
+                           token_id=int(p["tok"][t]), forced_token=forced, score=score, ref=-1)
 
     def claim(self, points: list[BranchPoint]) -> list[BranchPoint]:
         """Hand out `points` (from peek): count the branch and pin the tree until released."""
         out = []
         for bp in points:
-            node = self.node_at(bp.root_id, bp.prefix_ids + [bp.token_id])
-            off = len(bp.prefix_ids) - node.start
-            node.branch_counts[off] = node.branch_counts.get(off, 0) + 1
+            where = self._locate(bp.root_id, bp.prefix_ids + [bp.token_id])
+            if where is None:
+                raise StoreInputError(f"branch point under root {bp.root_id!r} is no longer stored")
+            node, used = where
+            t = int(self.nodes["off"][node]) + used - 1
+            self.pool["branches"][t] += 1
             ref = self.next_ref
             self.next_ref += 1
-            self.outstanding[ref] = bp.root_id
-            out.append(BranchPoint(bp.root_id, bp.prompt_ids, bp.prefix_ids, bp.token_id, bp.score, ref))
+            self.outstanding[ref] = Claim(bp.root_id, float(self.pool["entropy"][t]), float(self.pool["top1"][t]),
+                                          float(self.pool["alt_lp"][t]))
+            out.append(BranchPoint(bp.root_id, bp.prompt_ids, bp.prefix_ids, bp.token_id, bp.forced_token, bp.score, ref))
         return out
 
     def select(self, k: int) -> list[BranchPoint]:
@@ -254,96 +389,135 @@ class PrefixShard:
         for ref in refs:
             self.outstanding.pop(ref, None)
 
-    @staticmethod
-    def path_tokens(node: Node) -> list[int]:
-        segs = []
-        while node.parent is not None:
-            segs.append(node.tokens)
-            node = node.parent
-        return [t for seg in reversed(segs) for t in seg]
-
     # ---- read back -------------------------------------------------------------
+    def path_tokens(self, node: int) -> list[int]:
+        segs = []
+        c = self.nodes
+        while c["parent"][node] >= 0:
+            segs.append(self._edge(node))
+            node = int(c["parent"][node])
+        return [int(t) for seg in reversed(segs) for t in seg]
+
     def trajectories(self, root_id: str) -> list[list[int]]:
-        """Every stored continuation of a root (leaf paths), for checks and debugging."""
-        if root_id not in self.trees:
-            raise StoreInputError(f"unknown root {root_id!r}; this shard holds {len(self.trees)} roots")
-        out, stack = [], [self.trees[root_id].root]
-        while stack:
-            node = stack.pop()
-            if not node.children and node.parent is not None:
-                out.append(self.path_tokens(node))
-            stack.extend(node.children.values())
-        return out
+        """Every stored continuation of a root, as a multiset (sorted), read back by walking the tree."""
+        if root_id not in self.roots:
+            raise StoreInputError(f"unknown root {root_id!r}; this shard holds {len(self.roots)} roots")
+        out = []
+        for node in self.roots[root_id].nodes:
+            out += [self.path_tokens(node)] * int(self.nodes["terminal"][node])
+        return sorted(out)
 
-    def node_at(self, root_id: str, prefix: list[int]) -> Node:
-        """The node whose edge contains the last token of `prefix`."""
-        tree = self.trees.get(root_id)
-        if tree is None:
-            raise StoreInputError(f"unknown root {root_id!r}")
-        if not self._has_prefix(root_id, prefix) or not prefix:
+    def node_stats(self, root_id: str, prefix: list[int]) -> dict[str, float]:
+        """Outcome statistics of the trajectories through `prefix` (a non-empty stored prefix)."""
+        where = self._locate(root_id, prefix) if root_id in self.roots else None
+        if where is None or not prefix:
             raise StoreInputError(f"prefix {prefix} is not stored under root {root_id!r}")
-        node, i = tree.root, 0
-        while i < len(prefix):
-            node = node.children[prefix[i]]
-            i += len(node.tokens)
-        return node
-
-    @property
-    def num_nodes(self) -> int:
-        return sum(t.num_nodes for t in self.trees.values())
+        node = where[0]
+        c = self.nodes
+        visits = int(c["visits"][node])
+        return {"visits": visits, "reward_sum": float(c["reward_sum"][node]), "reward_sq": float(c["reward_sq"][node]),
+                "soft_value": self.beta * (float(c["soft_lse"][node]) - math.log(visits)),
+                "version": int(c["version"][node]), "actor": int(c["actor"][node])}
 
     def stats(self) -> dict[str, float]:
-        return {"roots": len(self.trees), "nodes": self.num_nodes, "outstanding": len(self.outstanding)}
+        return {"roots": len(self.roots), "tokens": self.live_tokens, "nodes": sum(len(r.nodes) for r in self.roots.values()),
+                "outstanding": len(self.outstanding)}
+
+    def bytes_used(self) -> int:
+        """Column bytes of live rows (pool and nodes); excludes Python dict/object overhead."""
+        return self.pool.nbytes_used() + self.nodes.nbytes_used()
 
     # ---- eviction --------------------------------------------------------------
     def evict(self) -> int:
-        """Drop least recently used whole trees until within max_nodes; pinned trees stay."""
-        pinned = set(self.outstanding.values())
+        """Drop least recently used whole trees until at most max_tokens are stored; pinned trees stay.
+
+        Freed pool rows are reclaimed by compaction once they outnumber live ones.
+        """
+        if self.live_tokens <= self.max_tokens:
+            return 0
+        pinned = {cl.root_id for cl in self.outstanding.values()}
         dropped = 0
-        for root_id in sorted(self.trees, key=lambda r: self.trees[r].last_use):
-            if self.num_nodes <= self.max_nodes:
+        for name in sorted(self.roots, key=lambda r: self.roots[r].last_use):
+            if self.live_tokens <= self.max_tokens:
                 break
-            if root_id not in pinned:
-                del self.trees[root_id]
-                dropped += 1
+            if name in pinned:
+                continue
+            root = self.roots.pop(name)
+            del self.root_by_index[root.index]
+            for node in root.nodes:
+                n = int(self.nodes["length"][node])
+                off = int(self.nodes["off"][node])
+                self.pool["eligible"][off : off + n] = 0
+                self.live_tokens -= n
+                parent = int(self.nodes["parent"][node])
+                if parent >= 0:
+                    self.children.pop(parent * self.vocab_size + int(self.pool["tok"][off]), None)
+            dropped += 1
+        if self.pool.n > 2 * self.live_tokens + 1024:
+            self._compact()
         return dropped
 
+    def _compact(self) -> None:
+        """Rebuild the columns from the live trees (a round trip through the snapshot format)."""
+        self._load_state(self._state())
+
     # ---- snapshot --------------------------------------------------------------
+    def _state(self) -> dict:
+        """Live trees as flat arrays (nodes renumbered in tree order) plus JSON metadata."""
+        p, c = self.pool, self.nodes
+        # Order-preserving: live nodes and tokens keep their relative order, so a
+        # store that never evicted restores to identical columns.
+        order = sorted(n for root in self.roots.values() for n in root.nodes)
+        new_id = {old: i for i, old in enumerate(order)}
+        tok_idx = [np.arange(int(c["off"][n]), int(c["off"][n]) + int(c["length"][n])) for n in order]
+        tok_idx = np.sort(np.concatenate(tok_idx)) if tok_idx else np.zeros(0, dtype=np.int64)
+        remap = np.full(max(c.n, 1), -1, dtype=np.int64)
+        remap[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
+        arrays = {f"pool_{k}": p[k][tok_idx] for k in TOKEN_COLUMNS}
+        arrays["pool_owner"] = remap[arrays["pool_owner"]].astype(np.int32)
+        arrays["pool_stats_node"] = remap[arrays["pool_stats_node"]].astype(np.int32)
+        nodes = np.asarray(order, dtype=np.int64)
+        arrays.update({f"node_{k}": c[k][nodes] for k in NODE_COLUMNS})
+        parents = arrays["node_parent"].astype(np.int64)
+        arrays["node_parent"] = np.where(parents >= 0, remap[np.maximum(parents, 0)], -1).astype(np.int32)
+        arrays["node_off"] = np.searchsorted(tok_idx, arrays["node_off"]).astype(np.int64)
+        new_root = {r.index: i for i, r in enumerate(self.roots.values())}
+        arrays["node_root"] = np.asarray([new_root[int(r)] for r in c["root"][nodes]], dtype=np.int32)
+        meta = {"clock": self.clock, "next_ref": self.next_ref, "live_tokens": self.live_tokens,
+                "outstanding": {str(k): vars(v) for k, v in self.outstanding.items()},
+                "roots": [{"name": name, "node": new_id[r.node], "prompt": r.prompt_ids, "last_use": r.last_use,
+                           "nodes": [new_id[n] for n in r.nodes]} for name, r in self.roots.items()]}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        return arrays
+
+    def _load_state(self, arrays: dict) -> None:
+        meta = json.loads(bytes(arrays["meta"]).decode())
+        n_tok = len(arrays["pool_tok"])
+        n_node = len(arrays["node_parent"])
+        self.pool = Columns(TOKEN_COLUMNS, capacity=max(1024, n_tok))
+        self.nodes = Columns(NODE_COLUMNS, capacity=max(256, n_node))
+        self.pool.n, self.nodes.n = n_tok, n_node
+        for k in TOKEN_COLUMNS:
+            self.pool[k][:n_tok] = arrays[f"pool_{k}"]
+        for k in NODE_COLUMNS:
+            self.nodes[k][:n_node] = arrays[f"node_{k}"]
+        self.clock, self.next_ref, self.live_tokens = meta["clock"], meta["next_ref"], meta["live_tokens"]
+        self.outstanding = {int(k): Claim(**v) for k, v in meta["outstanding"].items()}
+        self.roots, self.root_by_index = {}, {}
+        for i, r in enumerate(meta["roots"]):
+            root = Root(name=r["name"], index=i, node=r["node"], prompt_ids=r["prompt"], last_use=r["last_use"], nodes=r["nodes"])
+            self.roots[root.name] = self.root_by_index[i] = root
+        parents = self.nodes["parent"][:n_node]
+        offs = self.nodes["off"][:n_node]
+        self.children = {int(parents[i]) * self.vocab_size + int(self.pool["tok"][offs[i]]): i
+                         for i in range(n_node) if parents[i] >= 0}
+
     def snapshot(self, path: str) -> None:
-        """Write the shard as gzipped JSON (data only, safe to load), atomically."""
-        def enc(node: Node) -> dict:
-            return {"t": node.tokens, "lp": node.logprob, "en": node.entropy, "t1": node.top1_logprob,
-                    "s": node.start, "v": node.visits, "rs": node.reward_sum, "rq": node.reward_sq,
-                    "sl": node.soft_lse if math.isfinite(node.soft_lse) else None,
-                    "ver": node.version, "a": node.actor,
-                    "b": {str(o): c for o, c in node.branch_counts.items()},
-                    "c": [enc(ch) for ch in node.children.values()]}
-        data = {"clock": self.clock, "next_ref": self.next_ref,
-                "outstanding": {str(k): v for k, v in self.outstanding.items()},
-                "trees": {rid: {"prompt": t.prompt_ids, "last_use": t.last_use, "n": t.num_nodes, "root": enc(t.root)}
-                          for rid, t in self.trees.items()}}
-        tmp = f"{path}.tmp"
-        with gzip.open(tmp, "wt") as f:
-            json.dump(data, f)
+        """Write the shard as one .npz of plain arrays (no pickle: safe to load), atomically."""
+        tmp = f"{path}.tmp.npz"
+        np.savez(tmp, **self._state())
         os.replace(tmp, path)
 
     def restore(self, path: str) -> None:
-        with gzip.open(path, "rt") as f:
-            data = json.load(f)
-
-        def dec(d: dict, parent: Node | None) -> Node:
-            node = Node(parent, d["s"])
-            node.tokens, node.logprob, node.entropy, node.top1_logprob = d["t"], d["lp"], d["en"], d["t1"]
-            node.visits, node.reward_sum, node.reward_sq = d["v"], d["rs"], d["rq"]
-            node.soft_lse = -math.inf if d["sl"] is None else d["sl"]
-            node.version, node.actor = d["ver"], d["a"]
-            node.branch_counts = {int(o): c for o, c in d["b"].items()}
-            for cd in d["c"]:
-                child = dec(cd, node)
-                node.children[child.tokens[0]] = child
-            return node
-
-        self.clock, self.next_ref = data["clock"], data["next_ref"]
-        self.outstanding = {int(k): v for k, v in data["outstanding"].items()}
-        self.trees = {rid: Tree(root=dec(t["root"], None), prompt_ids=t["prompt"], last_use=t["last_use"], num_nodes=t["n"])
-                      for rid, t in data["trees"].items()}
+        with np.load(path, allow_pickle=False) as data:
+            self._load_state({k: data[k] for k in data.files})

@@ -7,6 +7,7 @@ from learner.batch import build_train_batch, collate, token_logprobs
 def ro(rid, prefix, toks, reward):
     return Rollout(request_id=rid, root_id="r", prompt_ids=[1, 5], prefix_ids=prefix, token_ids=toks,
                    logprobs=[-0.5] * len(toks), entropy=[0.0] * len(toks), top1_logprobs=[0.0] * len(toks),
+                   alt_token_ids=[-1] * len(toks), alt_logprobs=[-1e9] * len(toks),
                    reward=reward, policy_version=0, actor_id=0)
 
 
