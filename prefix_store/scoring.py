@@ -31,6 +31,10 @@ class Candidates:
     """Continuations observed through the prefix y_<t."""
     reward_sum: np.ndarray
     """Sum of their outcome rewards (successes for 0/1 rewards)."""
+
+    def __len__(self) -> int:
+        return len(self.logprob)
+
     step_conf: np.ndarray = None  # type: ignore[assignment]
     """ReBalance step confidence c_s of the step holding y_t (mean max-prob over the step)."""
     step_var: np.ndarray = None  # type: ignore[assignment]
@@ -79,7 +83,7 @@ def score_outcome_uncertainty(c: Candidates, rng: np.random.Generator) -> np.nda
 
 def score_random(c: Candidates, rng: np.random.Generator) -> np.ndarray:
     """score ~ U(0, 1): the control."""
-    return rng.random(len(c.logprob))
+    return rng.random(len(c))
 
 
 def score_step_confidence(c: Candidates, rng: np.random.Generator) -> np.ndarray:
@@ -126,7 +130,7 @@ def combined_scorer(weights: dict[str, float]) -> Scorer:
                          f"{', '.join(n for n in SCORERS if n != 'combined')}")
 
     def score(c: Candidates, rng: np.random.Generator) -> np.ndarray:
-        total = np.zeros(len(c.logprob))
+        total = np.zeros(len(c))
         for name, w in weights.items():
             x = np.asarray(SCORERS[name](c, rng), dtype=np.float64)
             total += w * (x - x.mean()) / (x.std() + 1e-9)

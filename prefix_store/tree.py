@@ -33,16 +33,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.messages import BranchPoint, Rollout
-from prefix_store.scoring import Candidates, get_scorer
+from prefix_store.scoring import get_scorer
 
 BRANCH_ACTIONS = ("resample", "force")
 
-# Per-token columns and their dtypes: 32 bytes per stored token.
+# Per-token columns and their dtypes: 31 bytes per stored token.
 TOKEN_COLUMNS = {
     "tok": np.int32, "logprob": np.float32, "entropy": np.float16, "top1": np.float16,
     "alt_tok": np.int32, "alt_lp": np.float16, "step_conf": np.float16, "step_var": np.float16,
-    "branches": np.uint8, "eligible": np.uint8, "owner": np.int32, "stats_node": np.int32,
+    "branches": np.uint8, "owner": np.int32, "stats_node": np.int32,
 }
+CLOSED = 255  # `branches` value of a position that is never handed out (root start, evicted tree)
 NODE_COLUMNS = {
     "parent": np.int32, "off": np.int64, "length": np.int32, "start": np.int32, "root": np.int32,
     "visits": np.int32, "terminal": np.int32, "reward_sum": np.float64, "reward_sq": np.float64,
@@ -107,6 +108,27 @@ class Claim:
     alt_lp: float
 
 
+class PoolCandidates:
+    """Candidates over every pool row, each column read (and widened to float32) only when a scorer asks."""
+
+    def __init__(self, shard: "PrefixShard"):
+        self._p, self._c, self._n = shard.pool, shard.nodes, shard.pool.n
+
+    def _col(self, name: str) -> np.ndarray:
+        return self._p[name][: self._n].astype(np.float32)
+
+    def __len__(self) -> int:
+        return self._n
+
+    logprob = property(lambda self: self._col("logprob"))
+    entropy = property(lambda self: self._col("entropy"))
+    top1_logprob = property(lambda self: self._col("top1"))
+    step_conf = property(lambda self: self._col("step_conf"))
+    step_var = property(lambda self: self._col("step_var"))
+    visits = property(lambda self: self._c["visits"][self._p["stats_node"][: self._n]].astype(np.float32))
+    reward_sum = property(lambda self: self._c["reward_sum"][self._p["stats_node"][: self._n]].astype(np.float32))
+
+
 class PrefixShard:
     """Radix trees for the roots assigned to this shard."""
 
@@ -117,7 +139,7 @@ class PrefixShard:
             raise ValueError(f"unknown branch action {branch_action!r}; choose one of {', '.join(BRANCH_ACTIONS)}")
         self.scorer = get_scorer(scorer, scorer_weights)
         self.beta = beta
-        self.max_branches = min(max_branches_per_position, 255)
+        self.max_branches = min(max_branches_per_position, CLOSED - 1)
         self.max_tokens = max_tokens
         self.vocab_size = vocab_size
         self.branch_action = branch_action
@@ -192,15 +214,15 @@ class PrefixShard:
     def _check(self, r: Rollout) -> None:
         if not r.token_ids:
             raise StoreInputError(f"rollout {r.request_id} of root {r.root_id!r} has no new tokens; nothing to store")
-        cont = r.continuation
-        bad = [t for t in cont + r.alt_token_ids if not (0 <= t < self.vocab_size or t == -1)] + \
-              [t for t in cont if t == -1]
-        if bad:
+        cont = np.asarray(r.continuation)
+        alts = np.asarray(r.alt_token_ids)
+        if cont.min() < 0 or cont.max() >= self.vocab_size or (alts.size and (alts.min() < -1 or alts.max() >= self.vocab_size)):
+            bad = [int(t) for t in np.concatenate([cont, alts]) if not -1 <= t < self.vocab_size] or [int(cont.min())]
             raise StoreInputError(f"rollout {r.request_id} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         arrays = (r.logprobs, r.entropy, r.top1_logprobs, r.alt_token_ids, r.alt_logprobs)
         if any(len(a) != len(r.token_ids) for a in arrays):
             raise StoreInputError(f"rollout {r.request_id}: per-token arrays differ in length from its {len(r.token_ids)} tokens")
-        if not all(math.isfinite(x) for a in arrays[:3] for x in a) or not math.isfinite(r.reward):
+        if not np.isfinite(np.asarray(arrays[:3], dtype=np.float64)).all() or not math.isfinite(r.reward):
             raise StoreInputError(f"rollout {r.request_id} of root {r.root_id!r} carries NaN or infinite values")
         stored = r.prefix_ids[:-1] if r.forced else r.prefix_ids
         if r.prefix_ids and self._locate(r.root_id, stored) is None:
@@ -247,16 +269,18 @@ class PrefixShard:
         Only new tokens are considered: a step straddling the branch point is
         measured on its new part.
         """
-        toks = r.continuation[len(r.continuation) - len(max_prob_new):]
-        conf = np.empty(len(toks))
-        var = np.empty(len(toks))
-        prev_c, start = None, 0
-        for i, tok in enumerate(toks):
-            if self.step_delimiter == -1 or tok == self.step_delimiter or i == len(toks) - 1:
-                c = float(max_prob_new[start : i + 1].mean())
-                conf[start : i + 1] = c
-                var[start : i + 1] = 0.0 if prev_c is None else (c - prev_c) ** 2 / 4
-                prev_c, start = c, i + 1
+        toks = np.asarray(r.continuation[len(r.continuation) - len(max_prob_new):])
+        if self.step_delimiter == -1:
+            ends = np.arange(len(toks))
+        else:
+            ends = np.flatnonzero(toks == self.step_delimiter)
+            if not ends.size or ends[-1] != len(toks) - 1:
+                ends = np.append(ends, len(toks) - 1)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        counts = ends - starts + 1
+        c = np.add.reduceat(max_prob_new, starts) / counts  # (steps,)
+        v = np.concatenate([[0.0], (c[1:] - c[:-1]) ** 2 / 4])
+        conf, var = np.repeat(c, counts), np.repeat(v, counts)
         return conf, var
 
     def _insert_one(self, r: Rollout) -> int:
@@ -288,12 +312,11 @@ class PrefixShard:
                 for name in ("logprob", "entropy", "top1", "alt_tok", "alt_lp", "step_conf", "step_var"):
                     p[name][sl] = obs[name][i - n_old:]
                 p["branches"][sl] = 0
+                if i == 0:
+                    p["branches"][off] = CLOSED  # an empty prefix is a root start, not a branch point
                 p["owner"][sl] = leaf
                 p["stats_node"][sl] = leaf
                 p["stats_node"][off] = node
-                p["eligible"][sl] = 1
-                if i == 0:
-                    p["eligible"][off] = 0  # an empty prefix is a root start, not a branch point
                 c["version"][leaf], c["actor"][leaf] = r.policy_version, r.actor_id
                 self.children[node * self.vocab_size + cont[i]] = leaf
                 root.nodes.append(leaf)
@@ -318,39 +341,46 @@ class PrefixShard:
         return added
 
     # ---- select ----------------------------------------------------------------
-    def _candidate_positions(self) -> np.ndarray:
+    def _available(self) -> np.ndarray:
+        """(n_pool,) bool: positions that may be handed out."""
         p = self.pool
         n = p.n
-        return np.flatnonzero((p["eligible"][:n] == 1) & (p["branches"][:n] < self.max_branches))
+        return p["branches"][:n] < self.max_branches
+
+    def _candidate_positions(self) -> np.ndarray:
+        return np.flatnonzero(self._available())
 
     def peek(self, k: int) -> list[BranchPoint]:
-        """The k best branch points by the configured scorer, one per distinct prefix; no side effects."""
-        if k <= 0:
+        """The k best branch points by the configured scorer, one per distinct prefix; no side effects.
+
+        Scores are computed over the whole pool (columns read lazily, only those
+        the scorer uses) and unavailable positions masked to -inf.
+        """
+        if k <= 0 or self.pool.n == 0:
             return []
-        idx = self._candidate_positions()
-        if len(idx) == 0:
+        avail = self._available()
+        n_avail = int(avail.sum())
+        if n_avail == 0:
             return []
         p, c = self.pool, self.nodes
-        stats = p["stats_node"][idx]
-        cand = Candidates(logprob=p["logprob"][idx].astype(np.float64), entropy=p["entropy"][idx].astype(np.float64),
-                          top1_logprob=p["top1"][idx].astype(np.float64), visits=c["visits"][stats].astype(np.float64),
-                          reward_sum=c["reward_sum"][stats], step_conf=p["step_conf"][idx].astype(np.float64),
-                          step_var=p["step_var"][idx].astype(np.float64))
-        scores = np.asarray(self.scorer(cand, self.rng), dtype=np.float64)
+        scores = np.asarray(self.scorer(PoolCandidates(self), self.rng), dtype=np.float64)
+        scores[~avail] = -np.inf
         # Sibling first tokens share a prefix: over-fetch, then keep one per prefix.
-        m = min(len(idx), 4 * k)
-        top = np.argpartition(-scores, m - 1)[:m] if m < len(idx) else np.arange(len(idx))
+        m = min(n_avail, 4 * k)
+        top = np.argpartition(-scores, m - 1)[:m] if m < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         out, seen = [], set()
-        for j in top:
-            t = int(idx[j])
+        for t in top:
+            t = int(t)
+            if not avail[t]:
+                continue
             owner = int(p["owner"][t])
             first_of_edge = t == int(c["off"][owner])
             key = ("node", int(p["stats_node"][t])) if first_of_edge else ("tok", t)
             if key in seen:
                 continue
             seen.add(key)
-            out.append(self._branch_point(t, float(scores[j])))
+            out.append(self._branch_point(t, float(scores[t])))
             if len(out) == k:
                 break
         return out
@@ -447,7 +477,7 @@ class PrefixShard:
             for node in root.nodes:
                 n = int(self.nodes["length"][node])
                 off = int(self.nodes["off"][node])
-                self.pool["eligible"][off : off + n] = 0
+                self.pool["branches"][off : off + n] = CLOSED
                 self.live_tokens -= n
                 parent = int(self.nodes["parent"][node])
                 if parent >= 0:
