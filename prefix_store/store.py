@@ -53,7 +53,8 @@ class PrefixStore:
         by_shard = defaultdict(list)
         for bp in best:
             by_shard[shard_of(bp.root_id, len(self.shards))].append(bp)
-        return [bp for claimed in self._call([(i, "claim", (bps,)) for i, bps in by_shard.items()]) for bp in claimed]
+        claimed = [bp for part in self._call([(i, "claim", (bps,)) for i, bps in by_shard.items()]) for bp in part]
+        return sorted(claimed, key=lambda bp: -bp.score)
 
     def stats(self) -> dict[str, float]:
         total: dict[str, float] = defaultdict(float)
