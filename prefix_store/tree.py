@@ -363,11 +363,11 @@ class PrefixShard:
         if n_avail == 0:
             return []
         p, c = self.pool, self.nodes
-        scores = np.asarray(self.scorer(PoolCandidates(self), self.rng), dtype=np.float64)
-        scores[~avail] = -np.inf
+        scores = np.asarray(self.scorer(PoolCandidates(self), self.rng), dtype=np.float32)  # (n_pool,)
+        np.copyto(scores, -np.inf, where=~avail)
         # Sibling first tokens share a prefix: over-fetch, then keep one per prefix.
         m = min(n_avail, 4 * k)
-        top = np.argpartition(-scores, m - 1)[:m] if m < len(scores) else np.arange(len(scores))
+        top = np.argpartition(scores, len(scores) - m)[-m:] if m < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         out, seen = [], set()
         for t in top:
