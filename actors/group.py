@@ -1,52 +1,182 @@
-"""RolloutGroup: rollout workers as Ray actors, request routing, weight broadcast.
+"""RolloutGroup: rollout workers as Ray actors, request routing, weight broadcast, fault recovery.
 
-Routing: a request for a stored prefix goes to the actor that last generated
-for that root (its vLLM prefix cache likely still holds the KV); otherwise to
-the actor with the fewest samples queued in this call.
+Routing (`actors.routing`): a request for a stored prefix goes to the actor
+that last generated for that root (its vLLM prefix cache likely still holds
+the KV); otherwise to the actor with the fewest samples queued in this call.
+
+Faults: actors are created with `max_restarts`. When an actor dies during a
+call, its requests are retried on the surviving actors (a failed call
+returns nothing, so no rollout is lost or counted twice), and the restarted
+actor is sent the latest weights before it is given requests again. Every
+call carries `min_version`, so an actor that restarted unnoticed refuses to
+serve with its initial weights (`StaleWeights`) and is re-synced.
+
+Bad requests do not fail the call: they come back as `RequestError`s, kept
+in `self.errors` until `pop_errors()`.
+
+`local=True` runs one `RolloutWorker` in this process with the same API
+(tests, debugging); it has no routing and no fault recovery.
 """
 from __future__ import annotations
 
-import ray
-
 from actors.messages import Rollout, RolloutRequest
-from actors.rollout_worker import RolloutWorker
+from actors.routing import route
+from actors.rollout_worker import Generated, RequestError, RolloutWorker, StaleWeights
+
+
+class _Local:
+    """The in-process stand-in for a Ray actor handle: `handle.method.remote(...)` runs the call now."""
+
+    class _Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+    def __init__(self, worker: RolloutWorker):
+        self.worker = worker
+
+    def __getattr__(self, name):
+        return self._Method(getattr(self.worker, name))
 
 
 class RolloutGroup:
-    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str]):
+    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str] | None = None,
+                 local: bool = False):
         self.cfg = rollout_cfg
-        actor_cls = ray.remote(RolloutWorker).options(
-            num_cpus=rollout_cfg.num_cpus_per_actor, num_gpus=rollout_cfg.num_gpus_per_actor,
-            runtime_env={"env_vars": {**env_vars, "VLLM_CPU_KVCACHE_SPACE": str(rollout_cfg.kv_cache_gib)}})
-        self.actors = [actor_cls.remote(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
-                                        actor_id=i, seed=seed + i) for i in range(rollout_cfg.num_actors)]
-        ray.get([a.get_version.remote() for a in self.actors])  # wait until every engine is up
+        self.local = local
+        if local:
+            self.actors = [_Local(RolloutWorker(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
+                                                actor_id=0, seed=seed))]
+        else:
+            import ray
+
+            actor_cls = ray.remote(RolloutWorker).options(
+                num_cpus=rollout_cfg.num_cpus_per_actor, num_gpus=rollout_cfg.num_gpus_per_actor,
+                max_restarts=getattr(rollout_cfg, "max_restarts", 3), max_task_retries=0,
+                runtime_env={"env_vars": {**(env_vars or {}), "VLLM_CPU_KVCACHE_SPACE": str(rollout_cfg.kv_cache_gib)}})
+            self.actors = [actor_cls.remote(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
+                                            actor_id=i, seed=seed + i) for i in range(rollout_cfg.num_actors)]
+            ray.get([a.get_version.remote() for a in self.actors])  # wait until every engine is up
         self.root_owner: dict[str, int] = {}
+        self.errors: list[RequestError] = []
+        self.retried_requests = 0
+        """Requests re-sent to another actor after their actor died (cumulative)."""
+        self.restarts_seen = 0
+        """Actor failures observed (each triggers a weight re-sync of the restarted actor)."""
+        self._latest = None  # (payload ref, version) of the last push
+        self._version = 0
+        self._syncing: dict[int, object] = {}  # actor index -> ref of its pending re-sync
 
-    def route(self, requests: list[RolloutRequest]) -> list[list[RolloutRequest]]:
-        """Assign each request to an actor: prefix affinity first, then least queued samples."""
-        queues: list[list[RolloutRequest]] = [[] for _ in self.actors]
-        load = [0] * len(self.actors)
-        for req in sorted(requests, key=lambda r: not r.prefix_ids):  # place affinity-bound requests first
-            owner = self.root_owner.get(req.root_id) if req.prefix_ids else None
-            i = owner if owner is not None else min(range(len(load)), key=load.__getitem__)
-            queues[i].append(req)
-            load[i] += req.n
-            self.root_owner[req.root_id] = i
-        return queues
-
+    # ----- generation -------------------------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None) -> list[Rollout]:
-        queues = self.route(requests)
-        refs = [a.generate.remote(q, temperature=temperature) for a, q in zip(self.actors, queues) if q]
-        return [r for batch in ray.get(refs) for r in batch]
+        """Rollouts of every servable request (each exactly once); bad requests go to `self.errors`."""
+        if self.local:
+            out = self.actors[0].generate.remote(requests, temperature=temperature)
+            self.errors += out.errors
+            return out.rollouts
+        import ray
+        from ray.exceptions import RayActorError
 
-    def update_weights(self, payload_ref: ray.ObjectRef, version: int) -> None:
-        """Every actor loads the same object-store copy of the weights."""
-        ray.get([a.update_weights.remote(payload_ref, version) for a in self.actors])
+        rollouts: list[Rollout] = []
+        todo, attempt = list(requests), 0
+        while todo:
+            queues = route(todo, self._available(), self.root_owner, affinity=getattr(self.cfg, "affinity", True))
+            calls = [(i, q, self.actors[i].generate.remote(q, temperature=temperature, min_version=self._version))
+                     for i, q in enumerate(queues) if q]
+            todo = []
+            for i, q, ref in calls:
+                try:
+                    out: Generated = ray.get(ref)
+                except (RayActorError, StaleWeights) as e:
+                    self._resync(i, died=not isinstance(e, StaleWeights))
+                    todo += q
+                    continue
+                rollouts += out.rollouts
+                self.errors += out.errors
+            if todo:
+                attempt += 1
+                self.retried_requests += len(todo)
+                if attempt > getattr(self.cfg, "request_retries", 2):
+                    raise RuntimeError(f"{len(todo)} requests failed on {attempt} actors in a row; giving up")
+        return rollouts
 
+    def pop_errors(self) -> list[RequestError]:
+        """Requests that were not served since the last call (bad input), for the driver to count and release."""
+        errors, self.errors = self.errors, []
+        return errors
+
+    def cache_stats(self, reset: bool = False) -> dict:
+        """Prefix-cache queries/hits in tokens summed over actors, and the hit rate."""
+        stats = self._get([a.cache_stats.remote(reset) for a in self.actors])
+        q, h = sum(s["prompt_tokens"] for s in stats), sum(s["cached_tokens"] for s in stats)
+        return {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else 0.0}
+
+    # ----- weights -------------------------------------------------------------------------------------------------
+    def update_weights(self, payload_ref, version: int) -> None:
+        """Every actor loads the same object-store copy of the weights (safetensors bytes); resets its prefix cache."""
+        self._latest, self._version = (payload_ref, version), version
+        import ray
+
+        if self.local:
+            self.actors[0].update_weights.remote(payload_ref if isinstance(payload_ref, bytes) else ray.get(payload_ref),
+                                                 version)
+            return
+        from ray.exceptions import RayActorError
+
+        refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors)}
+        self._syncing.clear()
+        for i, ref in refs.items():
+            try:
+                ray.get(ref)
+            except RayActorError:
+                self._resync(i, died=True)
+
+    def _resync(self, i: int, *, died: bool) -> None:
+        """Actor i restarted (or is stale): send it the latest weights; it takes requests once that has landed."""
+        self.restarts_seen += died
+        a = self.actors[i]
+        self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
+                            else a.get_version.remote())
+
+    def _available(self) -> list[bool]:
+        """Actors not waiting for a re-sync; if none is, wait for the first re-sync to land."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        while True:
+            for i, ref in list(self._syncing.items()):
+                ready, _ = ray.wait([ref], timeout=0)
+                if ready:
+                    try:
+                        ray.get(ref)
+                        del self._syncing[i]
+                    except RayActorError:  # died again during the sync: try again after its next restart
+                        self._resync(i, died=True)
+            ok = [i not in self._syncing for i in range(len(self.actors))]
+            if any(ok):
+                return ok
+            ray.wait(list(self._syncing.values()), num_returns=1, timeout=600)
+
+    # ----- misc ------------------------------------------------------------------------------------------------------
     def sequence_logprobs(self, token_ids: list[int], actor: int = 0) -> list[float]:
-        return ray.get(self.actors[actor].sequence_logprobs.remote(token_ids))
+        return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
+
+    def pids(self) -> list[int]:
+        return self._get([a.pid.remote() for a in self.actors])
+
+    def _get(self, refs):
+        if self.local:
+            return refs
+        import ray
+
+        return ray.get(refs)
 
     def shutdown(self) -> None:
+        if self.local:
+            return
+        import ray
+
         for a in self.actors:
-            ray.kill(a)
+            ray.kill(a, no_restart=True)

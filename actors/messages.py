@@ -54,6 +54,8 @@ class Rollout:
     branch_ref: int = -1
     forced: bool = False
     """Copied from the request: prefix_ids[-1] was forced at the branch point."""
+    cached_tokens: int = 0
+    """Prompt + prefix tokens whose KV the engine took from its prefix cache (same for all continuations of a request)."""
 
     @property
     def continuation(self) -> list[int]:
@@ -75,3 +77,5 @@ class BranchPoint:
     """Scorer value that ranked this position."""
     ref: int
     """Handle to release once the continuations are inserted."""
+    entropy: float = float("nan")
+    """Entropy estimate of the policy at the fork when it was stored (what the tree/ metrics report)."""

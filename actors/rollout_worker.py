@@ -8,6 +8,7 @@ know the prefix store or the learner.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from actors.messages import Rollout, RolloutRequest
 from actors.tasks import make_task
@@ -18,6 +19,37 @@ class RolloutRequestError(ValueError):
     """A request that cannot be served; the worker keeps serving others."""
 
 
+class StaleWeights(RuntimeError):
+    """The engine's policy version is older than the caller requires (a restarted actor before its weight sync)."""
+
+
+@dataclass
+class RequestError:
+    """One request that was not served, so the driver can count it and release its branch point."""
+    request_id: int
+    root_id: str
+    branch_ref: int
+    """Store handle of the branch point the request re-entered (-1: root start)."""
+    actor_id: int
+    message: str
+    """One line naming the request and what is wrong with it."""
+
+
+@dataclass
+class Generated:
+    """What one `RolloutWorker.generate` call returns."""
+    rollouts: list[Rollout]
+    errors: list[RequestError]
+    actor_id: int
+    version: int
+    """Policy version of the engine that served the call."""
+
+
+def _engine_dead(error: Exception) -> bool:
+    """vLLM's engine process is gone: no request can be served here; let the group retry elsewhere."""
+    return type(error).__name__ in ("EngineDeadError", "EngineGenerateError")
+
+
 class RolloutWorker:
     def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int, seed: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
@@ -26,10 +58,15 @@ class RolloutWorker:
         self.cfg = rollout_cfg
         self.actor_id = actor_id
         self.version = 0
+        self.prompt_tokens = 0
+        """Prompt + prefix tokens submitted to the engine (prefix-cache queries)."""
+        self.cached_tokens = 0
+        """Of those, tokens whose KV came from the prefix cache (hits)."""
         self.task = make_task(task_cfg.name, horizon=task_cfg.horizon, heldout_size=task_cfg.heldout_size, seed=task_cfg.seed)
         self.llm = LLM(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True,
-                       seed=seed, worker_extension_cls="actors.weight_receiver.WeightReceiver")
+                       seed=seed, worker_extension_cls="actors.weight_receiver.WeightReceiver",
+                       **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}))
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -43,13 +80,50 @@ class RolloutWorker:
         if len(ids) + 1 > self.max_len:
             raise RolloutRequestError(f"request {req.request_id}: prompt+prefix of {len(ids)} tokens leaves no room in the model context of {self.max_len}")
 
-    def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None) -> list[Rollout]:
-        """Sample `req.n` continuations after prompt + prefix for every request; score each."""
+    def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None,
+                 min_version: int = 0) -> Generated:
+        """Sample `req.n` continuations after prompt + prefix for every request; score each.
+
+        A bad request (n <= 0, token ids outside the vocabulary, no room in the
+        context) becomes one `RequestError`; the others are served. Raises
+        `StaleWeights` when this engine's version is below `min_version` (a
+        restarted actor that has not received the current weights yet).
+        """
+        if self.version < min_version:
+            raise StaleWeights(f"actor {self.actor_id} holds version {self.version} < {min_version}")
+        good, errors = [], []
+        for req in requests:
+            try:
+                self._check(req)
+                good.append(req)
+            except RolloutRequestError as e:
+                errors.append(RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
+                                           actor_id=self.actor_id, message=str(e)))
+        temperature = self.cfg.temperature if temperature is None else temperature
+        try:
+            outputs = self._engine_generate(good, temperature)
+        except Exception as batch_error:  # noqa: BLE001 - an input vLLM rejects fails the batch: serve one by one
+            if _engine_dead(batch_error):
+                raise
+            outputs, served = [], []
+            for req in good:
+                try:
+                    outputs += self._engine_generate([req], temperature)
+                    served.append(req)
+                except Exception as e:  # noqa: BLE001 - that request alone fails; report it, keep serving
+                    if _engine_dead(e):
+                        raise
+                    errors.append(RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
+                                               actor_id=self.actor_id, message=f"request {req.request_id}: {type(e).__name__}: {e}"))
+            good = served
+        return Generated(rollouts=self._to_rollouts(good, outputs), errors=errors, actor_id=self.actor_id,
+                         version=self.version)
+
+    def _engine_generate(self, requests: list[RolloutRequest], temperature: float) -> list:
         from vllm import SamplingParams, TokensPrompt
 
-        for req in requests:
-            self._check(req)
-        temperature = self.cfg.temperature if temperature is None else temperature
+        if not requests:
+            return []
         prompts, params = [], []
         for req in requests:
             ids = req.prompt_ids + req.prefix_ids
@@ -58,6 +132,12 @@ class RolloutWorker:
             params.append(SamplingParams(n=req.n, temperature=temperature, max_tokens=min(budget, self.max_len - len(ids)),
                                          logprobs=self.cfg.top_k_logprobs, detokenize=False))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        for req, out in zip(requests, outputs):
+            self.prompt_tokens += len(req.prompt_ids) + len(req.prefix_ids)
+            self.cached_tokens += out.num_cached_tokens or 0
+        return outputs
+
+    def _to_rollouts(self, requests: list[RolloutRequest], outputs: list) -> list[Rollout]:
         rollouts = []
         for req, out in zip(requests, outputs):
             for comp in out.outputs:
@@ -78,7 +158,7 @@ class RolloutWorker:
                     alt_token_ids=alts, alt_logprobs=alt_lps,
                     reward=self.task.reward(req.prompt_ids, req.prefix_ids + tokens),
                     policy_version=self.version, actor_id=self.actor_id, branch_ref=req.branch_ref,
-                    forced=req.forced))
+                    forced=req.forced, cached_tokens=out.num_cached_tokens or 0))
         return rollouts
 
     def update_weights(self, payload: bytes, version: int) -> int:
@@ -98,3 +178,14 @@ class RolloutWorker:
 
     def get_version(self) -> int:
         return self.version
+
+    def cache_stats(self, reset: bool = False) -> dict:
+        """Prefix-cache queries and hits in tokens since the start (or the last reset)."""
+        stats = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens}
+        if reset:
+            self.prompt_tokens = self.cached_tokens = 0
+        return stats
+
+    def pid(self) -> int:
+        """OS process id of this actor (fault-injection tests kill it)."""
+        return os.getpid()

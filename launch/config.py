@@ -97,6 +97,21 @@ class RolloutConfig:
     """Engine dtype; float32 on CPU so engine and learner logprobs agree to ~1e-6."""
     enforce_eager: bool = True
     """No CUDA graphs / compilation (CPU and debugging)."""
+    block_size: Optional[int] = None
+    """vLLM KV block size in tokens, the prefix-cache granularity (only whole blocks hit); None: vLLM's default
+    (128 on CPU, 16 on GPU). The tiny chain task's sequences (~11 tokens) are shorter than any block: no hits."""
+    affinity: bool = True
+    """Route a branch request to the actor that last generated for its root (its prefix cache may hold the KV);
+    False: every request goes to the least-loaded actor."""
+    weight_transport: str = "object_store"
+    """How new weights reach the engines: `object_store` (safetensors bytes through Ray, CPU or GPU) or `nccl`
+    (vLLM's weight-transfer engine from learner rank 0; GPU clusters only). See docs/ROLLOUT.md."""
+    weight_bucket_mb: int = 256
+    """`nccl` transport: tensors are packed into buckets of about this many MiB, one broadcast per bucket."""
+    max_restarts: int = 3
+    """Ray restarts a dead rollout actor this many times; it receives the current weights before serving again."""
+    request_retries: int = 2
+    """A batch whose actor died is retried on another actor this many times before the call fails."""
 
 
 @dataclass
@@ -157,6 +172,10 @@ class TrainConfig:
     """Continuations per request (a group for the baseline), from a prompt or a stored prefix."""
     eval_samples: int = 4
     """Samples per held-out prompt when measuring held-out root-start success."""
+    async_rollouts: bool = False
+    """Generate the next batch while the learner trains on this one (one batch in flight, policy lag 1)."""
+    max_policy_lag: int = 1
+    """Samples generated more than this many updates ago are dropped (counted as rollout/stale_dropped)."""
     eval_every: int = 10
     """Measure held-out success every this many steps (0: only before and after training)."""
     seed: int = 0
