@@ -62,7 +62,7 @@ class RolloutWorker:
         """Prompt + prefix tokens submitted to the engine (prefix-cache queries)."""
         self.cached_tokens = 0
         """Of those, tokens whose KV came from the prefix cache (hits)."""
-        self.task = make_task(task_cfg.name, horizon=task_cfg.horizon, heldout_size=task_cfg.heldout_size, seed=task_cfg.seed)
+        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
         self.llm = LLM(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
                        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True,
                        seed=seed, worker_extension_cls="actors.weight_receiver.WeightReceiver",

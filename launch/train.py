@@ -81,7 +81,7 @@ def train(cfg: Config, run_dir: str, log=print) -> dict:
     model_dir = ensure_base_model(cfg.model, cfg.task, log=log)
     where = connect(cfg.ray)
     env = actor_env_vars(cfg.rollout.kv_cache_gib)
-    task = make_task(cfg.task.name, horizon=cfg.task.horizon, heldout_size=cfg.task.heldout_size, seed=cfg.task.seed)
+    task = make_task(cfg.task, tokenizer_dir=model_dir)
     tc = cfg.train
     log(f"[graftrl] ray: {where}; starting rollout actors, prefix store, learner (model {model_dir})")
     rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=tc.seed, env_vars=env)

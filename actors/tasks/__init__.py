@@ -1,98 +1,75 @@
-"""Tasks and verifiers. Pure Python: the rollout actor calls `reward` on each sample.
+"""Tasks: prompts, held-out split and outcome reward. The rollout actor calls `reward` on each sample.
 
-Chain task (the seed paper's hard instance in miniature): the prompt is H
-digits d_1..d_H; the answer is the H running sums s_i = (s_{i-1} + d_i) mod 10
-(s_0 = 0). Every step depends on the one before, and the outcome reward is
-1 only when all H steps are right, so one wrong turn makes every
-continuation worthless.
+    chain       H dependent steps (running sums mod m of the prompt symbols); token ids, tiny base model
+    arithmetic  synthetic multi-step word problems with a numeric answer; needs a tokenizer (model.path)
+    jsonl       the user's prompts from a JSONL file, scored by a named or imported verifier
 
-Token layout (fixed vocabulary, word-level tokenizer built locally):
-    prompt   = <bos> d_1 ... d_H :
-    answer   = s_1 ... s_H <eos>
+Every task serves: train_prompts(rng, n), heldout_prompts(), root_id(p),
+prompt_ids(p), answer_ids(p), max_new_tokens, reward(prompt_ids,
+continuation_ids) -> float, verifier_errors / pop_verifier_errors().
+See docs/TASKS.md.
 """
 from __future__ import annotations
 
-import hashlib
-import random
+from actors.tasks.chain import (BOS, DIGIT0, EOS, MAX_MODULUS, PAD, SEP, SPECIAL_TOKENS, TOKEN_ID, VOCAB, ChainTask,
+                                digit_token)
 
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-VOCAB = SPECIAL_TOKENS + [str(d) for d in range(10)] + [":"]
-TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
-PAD, BOS, EOS = TOKEN_ID["<pad>"], TOKEN_ID["<bos>"], TOKEN_ID["<eos>"]
-SEP = TOKEN_ID[":"]
-DIGIT0 = TOKEN_ID["0"]
+TASKS = ("chain", "arithmetic", "jsonl")
+DEFAULT_VERIFIER = {"chain": "chain", "arithmetic": "numeric", "jsonl": "numeric"}
 
-
-def digit_token(d: int) -> int:
-    return DIGIT0 + d
+__all__ = ["BOS", "DIGIT0", "EOS", "PAD", "SEP", "SPECIAL_TOKENS", "TOKEN_ID", "VOCAB", "MAX_MODULUS", "TASKS",
+           "ChainTask", "digit_token", "make_task", "load_tokenizer"]
 
 
-class ChainTask:
-    """H dependent steps; reward 1 iff every running sum is right."""
+def load_tokenizer(model_dir: str):
+    """The policy's tokenizer (a Hugging Face model folder); no downloads."""
+    from transformers import AutoTokenizer
 
-    def __init__(self, horizon: int, heldout_size: int = 128, seed: int = 0):
-        self.horizon = horizon
-        self.heldout_size = heldout_size
-        self.seed = seed
-
-    # ---- prompts -------------------------------------------------------------
-    def is_heldout(self, digits: tuple[int, ...]) -> bool:
-        """A fixed fifth of all digit strings is held out, chosen by a hash (stable, disjoint)."""
-        h = hashlib.blake2b(f"{self.seed}:{digits}".encode(), digest_size=4).digest()
-        return int.from_bytes(h, "little") % 5 == 0
-
-    def _draw(self, rng: random.Random, heldout: bool) -> tuple[int, ...]:
-        while True:
-            digits = tuple(rng.randrange(10) for _ in range(self.horizon))
-            if self.is_heldout(digits) == heldout:
-                return digits
-
-    def train_prompts(self, rng: random.Random, n: int) -> list[tuple[int, ...]]:
-        return [self._draw(rng, heldout=False) for _ in range(n)]
-
-    def heldout_prompts(self) -> list[tuple[int, ...]]:
-        rng = random.Random(f"heldout:{self.seed}")
-        return [self._draw(rng, heldout=True) for _ in range(self.heldout_size)]
-
-    @staticmethod
-    def root_id(digits: tuple[int, ...]) -> str:
-        return "".join(map(str, digits))
-
-    @staticmethod
-    def prompt_ids(digits: tuple[int, ...]) -> list[int]:
-        return [BOS] + [digit_token(d) for d in digits] + [SEP]
-
-    def digits_of(self, prompt_ids: list[int]) -> tuple[int, ...]:
-        return tuple(t - DIGIT0 for t in prompt_ids[1 : 1 + self.horizon])
-
-    # ---- answers -------------------------------------------------------------
-    @staticmethod
-    def running_sums(digits: tuple[int, ...]) -> list[int]:
-        out, s = [], 0
-        for d in digits:
-            s = (s + d) % 10
-            out.append(s)
-        return out
-
-    def answer_ids(self, digits: tuple[int, ...]) -> list[int]:
-        return [digit_token(s) for s in self.running_sums(digits)] + [EOS]
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.horizon + 1
-
-    def reward(self, prompt_ids: list[int], continuation_ids: list[int]) -> float:
-        """1.0 iff the first H continuation tokens are the H running sums, else 0.0.
-
-        Tokens after the H-th (normally <eos>) are ignored; a short or
-        non-digit answer scores 0.
-        """
-        target = self.answer_ids(self.digits_of(prompt_ids))[: self.horizon]
-        return float(list(continuation_ids[: self.horizon]) == target)
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
-def make_task(name: str, *, horizon: int, heldout_size: int, seed: int) -> ChainTask:
-    tasks = {"chain": ChainTask}
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(tasks)}")
-    return tasks[name](horizon=horizon, heldout_size=heldout_size, seed=seed)
+def make_task(cfg_or_name, *, horizon: int | None = None, heldout_size: int | None = None, seed: int | None = None,
+              tokenizer_dir: str | None = None, tokenizer=None):
+    """The task of a `TaskConfig` (or, for the chain task, of a name plus keyword arguments).
+
+    Text tasks (arithmetic, jsonl) need the policy's tokenizer: pass `tokenizer`
+    or the model folder as `tokenizer_dir`. Raises ValueError (or
+    actors.data.DataError) with a one-line message on bad task settings.
+    """
+    if isinstance(cfg_or_name, str):
+        name, get = cfg_or_name, {"horizon": horizon, "heldout_size": heldout_size, "seed": seed}.get
+    else:
+        cfg = cfg_or_name
+        name = cfg.name
+
+        def get(key, default=None):
+            value = getattr(cfg, key, default)
+            return default if value is None else value
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    horizon, heldout_size, seed = get("horizon", 4), get("heldout_size", 128), get("seed", 0)
+    if name == "chain":
+        return ChainTask(horizon=horizon, heldout_size=heldout_size, seed=seed, modulus=get("modulus", 10),
+                         prompt_len=get("prompt_len"))
+
+    from actors.data import load_jsonl
+    from actors.tasks.text import TextTask
+
+    if tokenizer is None:
+        if tokenizer_dir is None:
+            raise ValueError(f"task {name!r} needs the policy's tokenizer: set model.path to a Hugging Face model folder")
+        tokenizer = load_tokenizer(tokenizer_dir)
+    verifier = get("verifier") or DEFAULT_VERIFIER[name]
+    common = dict(verifier=verifier, heldout_size=heldout_size, seed=seed, max_new_tokens=get("max_new_tokens", 256),
+                  chat_template=get("chat_template", True), name=name)
+    if name == "arithmetic":
+        from actors.tasks.arithmetic import make_problems
+
+        return TextTask(make_problems(get("num_examples", 5000), steps=horizon, seed=seed), tokenizer, **common)
+    data_path = get("data_path")
+    if data_path is None:
+        raise ValueError("task 'jsonl' needs task.data_path: a JSONL file of {\"prompt\": ..., \"answer\": ...} lines")
+    policy = get("on_bad_line", "skip")
+    heldout_path = get("heldout_path")
+    held = load_jsonl(heldout_path, policy) if heldout_path else None
+    return TextTask(load_jsonl(data_path, policy), tokenizer, heldout_examples=held, **common)

@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from actors.tasks import EOS, ChainTask, digit_token
 
 
@@ -20,3 +22,40 @@ def test_train_and_heldout_are_disjoint():
     held = set(t.heldout_prompts())
     train = set(t.train_prompts(random.Random(0), 2000))
     assert held and train and not held & train
+
+
+@pytest.mark.parametrize("horizon,modulus,prompt_len", [(4, 10, None), (6, 3, 4), (3, 5, 8), (8, 10, 2)])
+def test_chain_config_disjoint_and_cycling(horizon, modulus, prompt_len):
+    t = ChainTask(horizon=horizon, heldout_size=50, modulus=modulus, prompt_len=prompt_len)
+    held = t.heldout_prompts()
+    train = t.train_prompts(random.Random(1), 1000)
+    assert len(held) == 50 and not set(held) & set(train)
+    L = prompt_len or horizon
+    for d in held + train:
+        assert len(d) == L and all(0 <= x < modulus for x in d)
+        sums = t.running_sums(d)
+        assert len(sums) == horizon and sums[0] == d[0] % modulus
+        assert all(sums[i] == (sums[i - 1] + d[i % L]) % modulus for i in range(1, horizon))
+        p = t.prompt_ids(d)
+        assert t.digits_of(p) == d and t.reward(p, t.answer_ids(d)) == 1.0
+    assert t.max_new_tokens == horizon + 1
+
+
+def test_chain_rejects_bad_settings():
+    with pytest.raises(ValueError, match="modulus=11"):
+        ChainTask(horizon=4, modulus=11)
+    with pytest.raises(ValueError, match="too few to split"):
+        ChainTask(horizon=4, modulus=2, prompt_len=1)
+
+
+def test_make_task_chain_from_config_and_legacy_call():
+    from omegaconf import OmegaConf
+
+    from actors.tasks import make_task
+    from launch.config import TaskConfig
+
+    t = make_task(OmegaConf.structured(TaskConfig(horizon=5, modulus=7, prompt_len=3)))
+    assert (t.horizon, t.modulus, t.prompt_len) == (5, 7, 3)
+    assert make_task("chain", horizon=4, heldout_size=8, seed=0).prompt_len == 4
+    with pytest.raises(ValueError, match="unknown task 'x'; known tasks: chain, arithmetic, jsonl"):
+        make_task("x", horizon=4, heldout_size=8, seed=0)

@@ -1,0 +1,81 @@
+"""Prompt data from JSONL files. Pure Python.
+
+One example per line: `{"prompt": "...", "answer": "..."}` (the answer may be
+a number; an optional `"id"` names the example). Blank lines are ignored.
+A malformed line (not JSON, not an object, missing or non-string `prompt`,
+missing `answer`) is reported with its line number; `on_bad_line="skip"`
+drops it with a warning, `"reject"` raises `DataError` listing every bad line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+BAD_LINE_POLICIES = ("skip", "reject")
+_SHOWN = 10  # bad lines spelled out in a message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Example:
+    """One text prompt with its reference answer. `id` is stable (given, or a hash of the prompt)."""
+    id: str
+    prompt: str
+    answer: str
+
+
+class DataError(ValueError):
+    """Unusable prompt data; the message names the file and the bad line numbers."""
+
+
+def example_id(prompt: str) -> str:
+    return hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest()
+
+
+def parse_line(line: str) -> Example:
+    """One JSONL line -> Example; raises ValueError saying what is wrong."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("missing or empty string field 'prompt'")
+    answer = obj.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+        raise ValueError("missing field 'answer' (a string or a number)")
+    ex_id = obj.get("id")
+    return Example(id=str(ex_id) if ex_id is not None else example_id(prompt), prompt=prompt, answer=str(answer))
+
+
+def load_jsonl(path: str, on_bad_line: str = "skip") -> list[Example]:
+    """Examples of a JSONL file, in file order; bad lines skipped (with a warning) or rejected."""
+    if on_bad_line not in BAD_LINE_POLICIES:
+        raise ValueError(f"on_bad_line={on_bad_line!r}; choose one of {', '.join(BAD_LINE_POLICIES)}")
+    examples, bad = [], []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(parse_line(line))
+            except ValueError as e:
+                bad.append((lineno, str(e)))
+    if bad:
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:_SHOWN])
+        more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        msg = f"{path}: {len(bad)} malformed line(s): {shown}{more}"
+        if on_bad_line == "reject":
+            raise DataError(msg + " (set task.on_bad_line=skip to drop them)")
+        log.warning("%s; skipped", msg)
+    if not examples:
+        raise DataError(f"{path}: no usable examples")
+    return examples
