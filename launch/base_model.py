@@ -4,11 +4,22 @@
 
 The base model is trained from scratch by supervised learning on *noisy*
 demonstrations: at step i, given the previous answer token o_{i-1}, the demo
-writes the locally right step (o_{i-1} + d_i) mod 10 with probability q and a
-uniformly chosen wrong digit otherwise. The model therefore gets the right
+writes the locally right step (o_{i-1} + d_i) mod m with probability q and a
+uniformly chosen other symbol otherwise. The model therefore gets the right
 step with probability ~q after a correct prefix (a mild advantage), and after
-a wrong turn no continuation can earn reward: the seed paper's hard instance,
-with root-start success ~q^H.
+a wrong turn no continuation can earn reward (the globally right symbol gets
+only ~(1-q)/(m-1)): the seed paper's hard instance, root-start success ~q^H.
+
+The loss at each answer position is the cross-entropy to the demonstrator's
+step distribution (q on the locally right symbol, (1-q)/(m-1) on each other
+one) given the sampled noisy prefix: the expectation of the one-hot loss over
+the demonstrator's choice, with the same minimiser and far less gradient
+noise, so a short run lands close to q.
+
+`--report` prints one JSON line: horizon, target_q, measured_q (by sampling
+the policy on held-out prompts: among sampled steps whose prefix was fully
+right, the share that are right), heldout_root_success (share of sampled
+answers fully right), the teacher-forced numbers and build seconds.
 
 Models are cached under `model.cache_dir/<hash of the fields that shape them>`.
 """
@@ -17,25 +28,35 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import time
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
+REPORT_FILE = "graftrl_base.json"
+REPORT_SAMPLES = 16  # samples per held-out prompt for measured_q / heldout_root_success
 
 
 def model_key(model_cfg, task_cfg) -> str:
     fields = {k: getattr(model_cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "target_q",
                                                   "sft_steps", "sft_batch_size", "sft_lr")}
-    fields.update(horizon=task_cfg.horizon, task=task_cfg.name, split_seed=task_cfg.seed, v=BUILDER_VERSION)
+    fields.update(horizon=task_cfg.horizon, task=task_cfg.name, split_seed=task_cfg.seed, v=BUILDER_VERSION,
+                  modulus=task_cfg.modulus, prompt_len=task_cfg.prompt_len or task_cfg.horizon)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def chain_task(task_cfg):
+    from actors.tasks import ChainTask
+
+    return ChainTask(horizon=task_cfg.horizon, heldout_size=task_cfg.heldout_size, seed=task_cfg.seed,
+                     modulus=task_cfg.modulus, prompt_len=task_cfg.prompt_len)
+
+
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     from actors.tasks import TOKEN_ID
 
     tok = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token="<unk>"))
@@ -46,21 +67,46 @@ def build_tokenizer():
 
 
 def noisy_demos(task, rng, n: int, q: float):
-    """(input_ids, loss_mask) of n demonstrations; the loss covers answer tokens only."""
+    """n noisy demonstrations: (input_ids, loss_mask, locally right symbol per answer position (-1: EOS))."""
     from actors.tasks import EOS, digit_token
 
-    seqs, masks = [], []
+    m = task.modulus
+    seqs, masks, rights = [], [], []
     for digits in task.train_prompts(rng, n):
         prompt = task.prompt_ids(digits)
-        prev, answer = 0, []
-        for d in digits:
-            right = (prev + d) % 10
-            step = right if rng.random() < q else rng.choice([x for x in range(10) if x != right])
+        prev, answer, right_syms = 0, [], []
+        for i in range(task.horizon):
+            right = (prev + task.step_digit(digits, i)) % m
+            step = right if rng.random() < q else rng.choice([x for x in range(m) if x != right])
             answer.append(digit_token(step))
+            right_syms.append(right)
             prev = step
         seqs.append(prompt + answer + [EOS])
         masks.append([0] * len(prompt) + [1] * (len(answer) + 1))
-    return seqs, masks
+        rights.append(right_syms + [-1])
+    return seqs, masks, rights
+
+
+def soft_target_loss(logp, rights, q: float, m: int):
+    """Cross-entropy to the demonstrator's step distributions, mean over answer positions.
+
+    logp: (B, H+1, V) log-probabilities predicting the H answer symbols and EOS;
+    rights: (B, H+1) locally right symbol per position (-1: the EOS position).
+    Target at a symbol position: q on the right symbol, (1-q)/(m-1) on each other
+    symbol of the alphabet; at the EOS position: EOS.
+    """
+    import torch
+
+    from actors.tasks import DIGIT0, EOS
+
+    r = torch.as_tensor(rights)  # (B, H+1)
+    sym = r >= 0
+    lp_right = logp.gather(-1, (DIGIT0 + r.clamp(min=0)).unsqueeze(-1)).squeeze(-1)  # (B, H+1)
+    lp_alphabet = logp[..., DIGIT0 : DIGIT0 + m].sum(-1)  # (B, H+1)
+    other = (1 - q) / (m - 1)
+    ce_sym = -(q * lp_right + other * (lp_alphabet - lp_right))
+    ce = torch.where(sym, ce_sym, -logp[..., EOS])
+    return ce.mean()
 
 
 def correct_step_prob(model, task, prompts) -> tuple[float, float]:
@@ -76,63 +122,134 @@ def correct_step_prob(model, task, prompts) -> tuple[float, float]:
     return float(lp.exp().mean()), float(lp.sum(-1).exp().mean())
 
 
+def sampled_success(model, task, prompts, samples: int, seed: int = 0) -> dict:
+    """Sample H steps (temperature 1, plain torch) `samples` times per prompt.
+
+    measured_q: among sampled steps whose prefix was fully right, the share that
+    are right; heldout_root_success: share of samples with all H steps right;
+    measured_q_per_step: the same ratio at each step i (conditioned on steps < i right).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([task.prompt_ids(d) for d in prompts for _ in range(samples)])  # (B, L+2)
+    target = torch.tensor([task.answer_ids(d)[: task.horizon] for d in prompts for _ in range(samples)])  # (B, H)
+    with torch.no_grad():
+        for _ in range(task.horizon):
+            logits = model(ids).logits[:, -1].float()  # (B, V)
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)  # (B, 1)
+            ids = torch.cat([ids, nxt], 1)
+    right = ids[:, -task.horizon :] == target  # (B, H)
+    prefix_ok = torch.cat([torch.ones_like(right[:, :1]), right.cumprod(1)[:, :-1].bool()], 1)  # (B, H): steps < i right
+    per_step = [float((right[:, i] & prefix_ok[:, i]).sum() / prefix_ok[:, i].sum().clamp(min=1)) for i in range(task.horizon)]
+    return {"measured_q": float((right & prefix_ok).sum() / prefix_ok.sum()),
+            "heldout_root_success": float(right.all(1).float().mean()),
+            "measured_q_per_step": [round(x, 4) for x in per_step], "sampled_answers": int(ids.size(0))}
+
+
+def load_model(path: str):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, torch_dtype="float32").eval()
+
+
 def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
     import random
 
     import torch
+    from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
-    from actors.tasks import BOS, EOS, PAD, VOCAB, make_task
+
+    from actors.tasks import BOS, EOS, PAD, VOCAB
 
     torch.manual_seed(task_cfg.seed)
     rng = random.Random(task_cfg.seed)
-    task = make_task(task_cfg.name, horizon=task_cfg.horizon, heldout_size=task_cfg.heldout_size, seed=task_cfg.seed)
+    task = chain_task(task_cfg)
+    seq_len = task.prompt_len + 2 + task.horizon + 1
     cfg = LlamaConfig(vocab_size=len(VOCAB), hidden_size=model_cfg.hidden_size,
                       intermediate_size=4 * model_cfg.hidden_size, num_hidden_layers=model_cfg.num_layers,
                       num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_heads,
-                      max_position_embeddings=max(64, 4 * task_cfg.horizon + 8), tie_word_embeddings=False,
+                      max_position_embeddings=max(64, 2 * seq_len + 8), tie_word_embeddings=False,
                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=model_cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=model_cfg.sft_lr, total_steps=model_cfg.sft_steps, pct_start=0.1)
+    q, m, h = model_cfg.target_q, task.modulus, task.horizon
     t0 = time.time()
-    from tqdm import tqdm
-
-    for step in tqdm(range(model_cfg.sft_steps), desc="base model (SFT)", leave=False, disable=None):
-        seqs, masks = noisy_demos(task, rng, model_cfg.sft_batch_size, model_cfg.target_q)
+    for _ in tqdm(range(model_cfg.sft_steps), desc="base model (SFT)", leave=False, disable=None):
+        seqs, _, rights = noisy_demos(task, rng, model_cfg.sft_batch_size, q)
         ids = torch.tensor(seqs)  # (B, T): all demos have the same length
-        mask = torch.tensor(masks, dtype=torch.float32)[:, 1:]
-        logits = model(ids).logits[:, :-1]  # (B, T-1, V)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none")
-        loss = (nll * mask.reshape(-1)).sum() / mask.sum()
+        logp = torch.log_softmax(model(ids).logits[:, -(h + 2) : -1], -1)  # (B, H+1, V): predictions of the answer tokens
+        loss = soft_target_loss(logp, rights, q, m)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     model.eval()
-    q, p_all = correct_step_prob(model, task, task.heldout_prompts())
-    report = {"horizon": task.horizon, "target_q": model_cfg.target_q, "teacher_forced_q": q,
-              "teacher_forced_success": p_all, "sft_seconds": round(time.time() - t0, 1), "final_sft_loss": float(loss.detach())}
-    tmp = out_dir + ".tmp"
+    sft_s = time.time() - t0
+    heldout = task.heldout_prompts()
+    tf_q, tf_all = correct_step_prob(model, task, heldout)
+    report = {"horizon": h, "target_q": q, **sampled_success(model, task, heldout, REPORT_SAMPLES, seed=task_cfg.seed),
+              "target_root_success": q ** h, "teacher_forced_q": tf_q, "teacher_forced_success": tf_all,
+              "modulus": m, "prompt_len": task.prompt_len, "sft_steps": model_cfg.sft_steps,
+              "sft_seconds": round(sft_s, 1), "final_sft_loss": float(loss.detach()), "builder_version": BUILDER_VERSION}
+    tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     build_tokenizer().save_pretrained(tmp)
-    with open(os.path.join(tmp, "graftrl_base.json"), "w") as f:
+    with open(os.path.join(tmp, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=1)
     shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    log(f"[base model] built {out_dir} in {report['sft_seconds']} s: q={q:.3f} (target {model_cfg.target_q})")
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished the same build first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
+            raise
+    log(f"[base model] built {out_dir} in {report['sft_seconds']} s: sampled q={report['measured_q']:.3f} "
+        f"(target {q}), held-out root success {report['heldout_root_success']:.3f} (q^H={q ** h:.3f})")
     return report
 
 
+def base_model_dir(model_cfg, task_cfg) -> str:
+    m, L = task_cfg.modulus, task_cfg.prompt_len or task_cfg.horizon
+    tag = f"chain-h{task_cfg.horizon}" + (f"-m{m}" if m != 10 else "") + (f"-l{L}" if L != task_cfg.horizon else "")
+    return os.path.join(os.path.expanduser(model_cfg.cache_dir), f"{tag}-{model_key(model_cfg, task_cfg)}")
+
+
 def ensure_base_model(model_cfg, task_cfg, log=print) -> str:
-    """Path of the policy to train: the user's folder, or the cached tiny base model (built on a miss)."""
+    """Path of the policy to train: the user's folder, or the cached tiny base model (built on a miss).
+
+    Raises launch.config.ConfigError (one line) when the task settings are unusable, before anything starts.
+    """
+    from launch.config import ConfigError
+
+    check_task(task_cfg, model_cfg.path)
     if model_cfg.path is not None:
         return os.path.expanduser(model_cfg.path)
-    out_dir = os.path.join(os.path.expanduser(model_cfg.cache_dir), f"chain-h{task_cfg.horizon}-{model_key(model_cfg, task_cfg)}")
-    if not os.path.isfile(os.path.join(out_dir, "graftrl_base.json")):
+    if task_cfg.name != "chain":
+        raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer); "
+                          "the built-in tiny base model only speaks the chain task")
+    out_dir = base_model_dir(model_cfg, task_cfg)
+    if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
         train_base_model(model_cfg, task_cfg, out_dir, log=log)
     return out_dir
+
+
+def check_task(task_cfg, model_path=None) -> None:
+    """Build the task once so bad settings (modulus, data file, bad lines, verifier) fail early as ConfigError."""
+    from actors.data import DataError
+    from actors.tasks import make_task
+    from launch.config import ConfigError
+
+    try:
+        if task_cfg.name == "chain":
+            make_task(task_cfg)
+        elif model_path is not None:
+            make_task(task_cfg, tokenizer_dir=os.path.expanduser(model_path))
+    except (ValueError, DataError) as e:
+        raise ConfigError(f"task: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,12 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        path = ensure_base_model(cfg.model, cfg.task, log=lambda m: print(m, file=sys.stderr))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = ensure_base_model(cfg.model, cfg.task, log=lambda m: print(m, file=sys.stderr))
     if args.report:
-        with open(os.path.join(path, "graftrl_base.json")) as f:
+        report_path = os.path.join(path, REPORT_FILE)
+        if not os.path.isfile(report_path):
+            print(f"error: {path} was not built by graftrl (no {REPORT_FILE}); --report covers the built-in base model",
+                  file=sys.stderr)
+            return 2
+        with open(report_path) as f:
             print(json.dumps(json.load(f)))
     else:
         print(path)
