@@ -159,3 +159,36 @@ def test_make_task_from_config(tokenizer, tmp_path):
         make_task(OmegaConf.merge(cfg, {"on_bad_line": "reject"}), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="needs the policy's tokenizer"):
         make_task(cfg)
+
+
+def test_model_folder_tokenizer_and_early_config_errors(tokenizer, tmp_path):
+    """A Hugging Face folder's tokenizer (with its chat template) is loaded from disk; bad data fails before startup."""
+    from launch.base_model import ensure_base_model
+    from launch.config import ConfigError, load_config
+
+    folder = tmp_path / "policy"
+    tokenizer.save_pretrained(folder)
+    task = make_task(load_config(None, ["task.name=arithmetic", "task.num_examples=200"]).task, tokenizer_dir=str(folder))
+    ex = task.heldout_prompts()[0]
+    assert task.use_chat_template and tokenizer.decode(task.prompt_ids(ex)).startswith("<|user|>")
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD + [BAD[0]])
+    ok = load_config(None, ["task.name=jsonl", f"task.data_path={data}", f"model.path={folder}"])
+    assert ensure_base_model(ok.model, ok.task) == str(folder)
+    for overrides, match in [(["task.on_bad_line=reject"], "task: .*line 51: not valid JSON"),
+                             (["task.verifier=nosuch.module:f"], "cannot import module 'nosuch.module'"),
+                             ([f"task.data_path={tmp_path}/missing.jsonl"], "cannot read prompt file")]:
+        cfg = load_config(None, ["task.name=jsonl", f"task.data_path={data}", f"model.path={folder}", *overrides])
+        with pytest.raises(ConfigError, match=match):
+            ensure_base_model(cfg.model, cfg.task)
+
+
+def test_shipped_task_configs_load(tmp_path):
+    from launch.config import load_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    cfg = load_config("configs/arithmetic.yaml", [f"model.path={tmp_path}"])
+    assert (cfg.task.name, cfg.task.verifier) == ("arithmetic", "numeric")
+    cfg = load_config("configs/gsm8k_jsonl.yaml", [f"task.data_path={data}", f"model.path={tmp_path}"])
+    assert (cfg.task.name, cfg.task.verifier, cfg.task.on_bad_line) == ("jsonl", "gsm8k", "skip")
+    default = load_config("configs/default.yaml")
+    assert default.task.name == "chain" and default.model.path is None  # the main job: chain task, built base model
