@@ -168,6 +168,19 @@ class RolloutWorker:
         self.version = version
         return n
 
+    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
+        """`nccl` transport (GPU): every engine worker joins the learner's NCCL group; their ranks."""
+        return self.llm.collective_rpc("nccl_init", args=(master_address, master_port, rank_offset, world_size))
+
+    def nccl_receive(self, plan, version: int) -> int:
+        """`nccl` transport: receive the buckets the learner broadcasts, reload, reset the prefix cache."""
+        from actors.weight_transport import plan_to_wire
+
+        n = self.llm.collective_rpc("nccl_receive", args=(plan_to_wire(plan),))[0]
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return n
+
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""
         from vllm import SamplingParams, TokensPrompt
@@ -189,3 +202,19 @@ class RolloutWorker:
     def pid(self) -> int:
         """OS process id of this actor (fault-injection tests kill it)."""
         return os.getpid()
+
+    def engine_rpc(self, method: str, *args):
+        """Call a `WeightReceiver` method in every engine worker; the first worker's answer (benchmarks, debugging)."""
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    def raw_generate(self, requests: list[RolloutRequest], temperature: float | None = None) -> tuple[int, float]:
+        """Baseline for bench/rollout.py: the same `llm.generate` call as `generate`, nothing around it.
+
+        Returns (generated tokens, seconds spent inside llm.generate)."""
+        import time
+
+        temperature = self.cfg.temperature if temperature is None else temperature
+        t0 = time.perf_counter()
+        outputs = self._engine_generate(requests, temperature)
+        dt = time.perf_counter() - t0
+        return sum(len(c.token_ids) for o in outputs for c in o.outputs), dt
