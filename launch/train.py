@@ -15,18 +15,32 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from launch.config import Config, ConfigError, load_config
+from launch.report import print_summary, write_plots, write_summary
 
 
 @dataclass
 class Counters:
     rollouts: int = 0
     rollouts_from_prefix: int = 0
+    stale_dropped: int = 0
     generated_tokens: int = 0
     eval_tokens: int = 0
     history: list[dict] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    """(generated training tokens, held-out success) at each evaluation."""
+
+
+@dataclass
+class Components:
+    task: object
+    rollout: object
+    store: object
+    learner: object
+    model_dir: str
 
 
 def make_requests(task, rng: random.Random, branch_points, *, prompts: int, n: int, step: int):
@@ -63,121 +77,143 @@ def weight_sync_check(rollout_group, learner_group, task) -> dict:
             "max_abs_diff": max(abs(a - b) for a, b in zip(engine, learner))}
 
 
-def train(cfg: Config, run_dir: str, log=print) -> dict:
-    import ray
-    import wandb
-    from omegaconf import OmegaConf
-    from tqdm import tqdm
-
+def start_components(cfg: Config, log) -> Components:
+    """Base model, Ray, rollout actors, prefix-store shards, learner."""
     from actors.group import RolloutGroup
     from actors.tasks import VOCAB, make_task
     from launch.base_model import ensure_base_model
     from launch.cluster import actor_env_vars, connect
-    from learner.batch import build_train_batch
     from learner.group import LearnerGroup
     from prefix_store.store import PrefixStore
 
-    t_start = time.time()
+    tc = cfg.train
     model_dir = ensure_base_model(cfg.model, cfg.task, log=log)
     where = connect(cfg.ray)
     env = actor_env_vars(cfg.rollout.kv_cache_gib)
     task = make_task(cfg.task, tokenizer_dir=model_dir)
-    tc = cfg.train
     log(f"[graftrl] ray: {where}; starting rollout actors, prefix store, learner (model {model_dir})")
     rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=tc.seed, env_vars=env)
     store = PrefixStore(store_cfg=cfg.store, vocab_size=len(VOCAB), seed=tc.seed)
     learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
                            micro_batch_size=tc.prompts_per_step * tc.samples_per_request, env_vars=env)
+    return Components(task=task, rollout=rollout, store=store, learner=learner, model_dir=model_dir)
+
+
+def generate(comp: Components, cfg: Config, rng: random.Random, step: int):
+    """Pick branch points, sample from them and from fresh prompts. Runs in a worker thread."""
+    t0 = time.time()
+    tc = cfg.train
+    branch_points = comp.store.select(round(tc.prompts_per_step * cfg.store.branch_fraction))
+    reqs = make_requests(comp.task, rng, branch_points, prompts=tc.prompts_per_step, n=tc.samples_per_request, step=step)
+    return comp.rollout.generate(reqs), branch_points, time.time() - t0
+
+
+def learn(comp: Components, cfg: Config, rollouts, c: Counters) -> tuple[dict, float]:
+    """Store the rollouts, make one KL-regularised update on the fresh ones, push the weights."""
+    from learner.batch import build_train_batch
+
+    comp.store.insert(rollouts)
+    version = comp.learner.version()
+    fresh = [r for r in rollouts if version - r.policy_version <= cfg.train.max_policy_lag]
+    c.stale_dropped += len(rollouts) - len(fresh)
+    metrics = comp.learner.train_step(build_train_batch(fresh, advantage=cfg.learner.advantage, nudge=cfg.learner.nudge))
+    t0 = time.time()
+    comp.rollout.update_weights(comp.learner.async_weights(), int(metrics.get("learner/version", version + 1)))
+    metrics["rollout/policy_lag_mean"] = _mean([version - r.policy_version for r in rollouts])
+    return metrics, time.time() - t0
+
+
+def step_metrics(rollouts, branch_points, store_stats: dict, c: Counters) -> dict:
+    from_prefix = [r for r in rollouts if r.prefix_ids]
+    c.rollouts += len(rollouts)
+    c.rollouts_from_prefix += len(from_prefix)
+    c.generated_tokens += sum(len(r.token_ids) for r in rollouts)
+    return {
+        "rollout/reward_mean": _mean([r.reward for r in rollouts]),
+        "rollout/root_reward_mean": _mean([r.reward for r in rollouts if not r.prefix_ids]),
+        "rollout/prefix_reward_mean": _mean([r.reward for r in from_prefix]),
+        "rollout/stale_dropped": c.stale_dropped,
+        "tree/branch_points": len(branch_points),
+        "tree/prefix_share": len(from_prefix) / len(rollouts),
+        "tree/branch_depth_mean": _mean([len(bp.prefix_ids) for bp in branch_points]),
+        "tree/branch_score_mean": _mean([bp.score for bp in branch_points]),
+        "tree/branch_uncertainty_mean": _mean([bp.entropy for bp in branch_points]),
+        **{f"tree/{k}": v for k, v in store_stats.items()},
+        "perf/generated_tokens": c.generated_tokens,
+    }
+
+
+def train(cfg: Config, run_dir: str, log=print) -> dict:
+    """The loop: {generate (maybe overlapped with the previous update) -> insert -> update -> push -> eval}."""
+    import ray
+    import wandb
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    t_start = time.time()
+    comp = start_components(cfg, log)
     run = wandb.init(project=cfg.wandb.project, dir=run_dir, mode=cfg.wandb.mode, name=os.path.basename(run_dir),
                      config=OmegaConf.to_container(cfg, resolve=True))
     startup_s = time.time() - t_start
-
-    c = Counters()
-    success_before, tok = evaluate(rollout, task, tc.eval_samples)
+    tc, c, rng = cfg.train, Counters(), random.Random(cfg.train.seed)
+    success_before, tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
     c.eval_tokens += tok
-    rng = random.Random(tc.seed)
-    n_branch = round(tc.prompts_per_step * cfg.store.branch_fraction)
-    bar = tqdm(range(tc.steps), desc="train", unit="step", disable=None)
+    c.evals.append((0, success_before))
     t_train = time.time()
-    for step in bar:
-        t0 = time.time()
-        branch_points = store.select(n_branch)
-        reqs = make_requests(task, rng, branch_points, prompts=tc.prompts_per_step, n=tc.samples_per_request, step=step)
-        rollouts = rollout.generate(reqs)
-        t_gen = time.time() - t0
-        store.insert(rollouts)
-        metrics = learner.train_step(build_train_batch(rollouts, advantage=cfg.learner.advantage, nudge=cfg.learner.nudge))
-        t1 = time.time()
-        version = metrics.get("learner/version", step + 1)
-        rollout.update_weights(learner.async_weights(), int(version))
-        t_push = time.time() - t1
-        from_prefix = [r for r in rollouts if r.prefix_ids]
-        c.rollouts += len(rollouts)
-        c.rollouts_from_prefix += len(from_prefix)
-        c.generated_tokens += sum(len(r.token_ids) for r in rollouts)
-        metrics.update({
-            "rollout/reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
-            "rollout/root_reward_mean": _mean([r.reward for r in rollouts if not r.prefix_ids]),
-            "rollout/prefix_reward_mean": _mean([r.reward for r in from_prefix]),
-            "tree/branch_points": len(branch_points),
-            "tree/prefix_share": len(from_prefix) / len(rollouts),
-            "tree/branch_depth_mean": _mean([len(bp.prefix_ids) for bp in branch_points]),
-            "tree/branch_score_mean": _mean([bp.score for bp in branch_points]),
-            **{f"tree/{k}": v for k, v in store.stats().items()},
-            "perf/generated_tokens": c.generated_tokens,
-            "timing/generate_s": t_gen, "timing/weight_push_s": t_push, "timing/step_s": time.time() - t0,
-        })
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < tc.steps:
-            metrics["eval/heldout_success"], tok = evaluate(rollout, task, tc.eval_samples)
-            c.eval_tokens += tok
-        if cfg.store.snapshot_every and (step + 1) % cfg.store.snapshot_every == 0:
-            store.snapshot(os.path.join(run_dir, "store"))
-        run.log(metrics, step=step + 1)
-        c.history.append({"step": step + 1, "generated_tokens": c.generated_tokens, **metrics})
-        bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",
-                        prefix=f"{metrics['tree/prefix_share']:.2f}")
+    # Async mode: the next batch is generated (by the current weights) while the learner trains on this one;
+    # at most one batch is in flight (backpressure) and samples older than max_policy_lag updates are dropped.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(generate, comp, cfg, rng, 0)
+        for step in (bar := tqdm(range(tc.steps), desc="train", unit="step", disable=None)):
+            t0 = time.time()
+            rollouts, branch_points, t_gen = pending.result()
+            if tc.async_rollouts and step + 1 < tc.steps:
+                pending = pool.submit(generate, comp, cfg, rng, step + 1)
+            metrics, t_push = learn(comp, cfg, rollouts, c)
+            if not tc.async_rollouts and step + 1 < tc.steps:
+                pending = pool.submit(generate, comp, cfg, rng, step + 1)
+            metrics.update(step_metrics(rollouts, branch_points, comp.store.stats(), c))
+            metrics.update({"timing/generate_s": t_gen, "timing/weight_push_s": t_push, "timing/step_s": time.time() - t0})
+            if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+                metrics["eval/heldout_success"], tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
+                c.eval_tokens += tok
+                c.evals.append((c.generated_tokens, metrics["eval/heldout_success"]))
+            if cfg.store.snapshot_every and (step + 1) % cfg.store.snapshot_every == 0:
+                comp.store.snapshot(os.path.join(run_dir, "store"))
+            run.log(metrics, step=step + 1)
+            c.history.append({"step": step + 1, "generated_tokens": c.generated_tokens, **metrics})
+            bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",
+                            prefix=f"{metrics['tree/prefix_share']:.2f}")
     train_s = time.time() - t_train
-    sync_check = weight_sync_check(rollout, learner, task)
+    sync_check = weight_sync_check(comp.rollout, comp.learner, comp.task)
     log(f"[graftrl] weight sync check: max |engine - learner| logprob = {sync_check['max_abs_diff']:.2e}")
-    success_after, tok = evaluate(rollout, task, tc.eval_samples)
+    success_after, tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
     c.eval_tokens += tok
+    c.evals.append((c.generated_tokens, success_after))
     run.log({"eval/heldout_success": success_after}, step=tc.steps)
-    store.snapshot(os.path.join(run_dir, "store"))
+    comp.store.snapshot(os.path.join(run_dir, "store"))
     summary = {
-        "run_id": os.path.basename(run_dir), "config": OmegaConf.to_container(cfg, resolve=True), "model_dir": model_dir,
+        "run_id": os.path.basename(run_dir), "config": OmegaConf.to_container(cfg, resolve=True), "model_dir": comp.model_dir,
         "steps": tc.steps, "heldout_success_before": success_before, "heldout_success_after": success_after,
-        "rollouts": c.rollouts, "rollouts_from_prefix": c.rollouts_from_prefix, "generated_tokens": c.generated_tokens,
-        "eval_tokens": c.eval_tokens, "final_loss": c.history[-1].get("learner/loss"),
-        "policy_version": learner.version(), "weight_sync_check": sync_check,
-        "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
+        "rollouts": c.rollouts, "rollouts_from_prefix": c.rollouts_from_prefix, "stale_rollouts_dropped": c.stale_dropped,
+        "generated_tokens": c.generated_tokens, "eval_tokens": c.eval_tokens, "evals": c.evals,
+        "final_loss": c.history[-1].get("learner/loss"), "policy_version": comp.learner.version(),
+        "weight_sync_check": sync_check, "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }
     with open(os.path.join(run_dir, "history.json"), "w") as f:
         json.dump(c.history, f)
-    run.summary.update({k: v for k, v in summary.items() if k != "config"})
+    write_plots(run_dir, c.history, c.evals)
+    run.summary.update({k: v for k, v in summary.items() if k not in ("config", "weight_sync_check", "evals")})
     run.finish()
-    rollout.shutdown()
-    learner.shutdown()
+    comp.rollout.shutdown()
+    comp.learner.shutdown()
     ray.shutdown()
     return summary
 
 
 def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"graftrl run {summary['run_id']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("steps", "heldout_success_before", "heldout_success_after", "rollouts", "rollouts_from_prefix",
-                "generated_tokens", "final_loss", "startup_seconds", "train_seconds", "wall_seconds"):
-        v = summary[key]
-        table.add_row(key, f"{v:.3f}" if isinstance(v, float) and key.startswith(("heldout", "final")) else str(v))
-    Console(stderr=True).print(table)
 
 
 def new_run_dir(cfg: Config) -> str:
@@ -206,15 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         log(f"[graftrl] run failed; partial outputs left in {run_dir} for inspection")
         raise
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    latest = os.path.join(cfg.run_dir, "latest")
-    if os.path.islink(latest) or not os.path.exists(latest):
-        tmp = latest + ".tmp"
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        os.symlink(os.path.basename(run_dir), tmp)
-        os.replace(tmp, latest)
+    write_summary(run_dir, cfg.run_dir, summary)
     print_summary(summary)
     log(f"[graftrl] summary: {os.path.join(run_dir, 'summary.json')}")
     return 0

@@ -25,6 +25,7 @@ point at pool index t re-enters the prefix that ends just before token t.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -392,7 +393,8 @@ class PrefixShard:
         prefix = self.path_tokens(owner)[: int(c["start"][owner]) + t - int(c["off"][owner])]
         forced = int(p["alt_tok"][t]) if self.branch_action == "force" else -1
         return BranchPoint(root_id=root.name, prompt_ids=list(root.prompt_ids), prefix_ids=prefix,
-                           token_id=int(p["tok"][t]), forced_token=forced, score=score, ref=-1)
+                           token_id=int(p["tok"][t]), forced_token=forced, score=score, ref=-1,
+                           entropy=float(p["entropy"][t]))
 
     def claim(self, points: list[BranchPoint]) -> list[BranchPoint]:
         """Hand out `points` (from peek): count the branch and pin the tree until released."""
@@ -408,7 +410,7 @@ class PrefixShard:
             self.next_ref += 1
             self.outstanding[ref] = Claim(bp.root_id, float(self.pool["entropy"][t]), float(self.pool["top1"][t]),
                                           float(self.pool["alt_lp"][t]))
-            out.append(BranchPoint(bp.root_id, bp.prompt_ids, bp.prefix_ids, bp.token_id, bp.forced_token, bp.score, ref))
+            out.append(dataclasses.replace(bp, ref=ref))
         return out
 
     def select(self, k: int) -> list[BranchPoint]:
