@@ -110,21 +110,24 @@ class TextTask:
         try:
             return check_reward(self.verify(completion, answer), self.verifier_name)
         except Exception as e:  # noqa: BLE001 - a user verifier may raise anything; the run goes on
-            self.verifier_errors += 1
-            if self.verifier_errors <= _LOG_FIRST or self.verifier_errors % 100 == 0:
-                log.warning("verifier %r raised %s: %s (error #%d; sample scored 0)", self.verifier_name,
-                            type(e).__name__, e, self.verifier_errors)
-            return 0.0
+            return self._error(f"verifier {self.verifier_name!r} raised {type(e).__name__}: {e}")
 
     def reward(self, prompt_ids: list[int], continuation_ids: list[int]) -> float:
+        """verifier(decoded continuation, reference answer); never raises (errors score 0 and are counted)."""
         try:
             ex = self.example_of(prompt_ids)
+            completion = self.decode(continuation_ids)
         except KeyError:
-            self.verifier_errors += 1
-            log.warning("reward asked for a prompt that is not in the %s task's data (%d tokens); scored 0",
-                        self.name, len(prompt_ids))
-            return 0.0
-        return self.score_text(self.decode(continuation_ids), ex.answer)
+            return self._error(f"prompt of {len(prompt_ids)} tokens is not in the {self.name} task's data")
+        except Exception as e:  # noqa: BLE001 - e.g. ids the tokenizer cannot decode
+            return self._error(f"cannot decode the continuation: {type(e).__name__}: {e}")
+        return self.score_text(completion, ex.answer)
+
+    def _error(self, why: str) -> float:
+        self.verifier_errors += 1
+        if self.verifier_errors <= _LOG_FIRST or self.verifier_errors % 100 == 0:
+            log.warning("%s (error #%d; sample scored 0)", why, self.verifier_errors)
+        return 0.0
 
     def pop_verifier_errors(self) -> int:
         """Verifier errors since the last call (for a `rollout/verifier_errors` metric)."""

@@ -140,6 +140,8 @@ def test_raising_verifier_scores_zero_counts_and_logs(tokenizer, caplog):
     assert task.pop_verifier_errors() == 2 and task.pop_verifier_errors() == 0
     assert task.reward([1, 2, 3], boom) == 0.0  # a prompt the task does not know: scored 0 and counted
     assert task.verifier_errors == 3 and task.pop_verifier_errors() == 1
+    assert task.reward(ids, [-5]) == 0.0  # ids the tokenizer cannot decode: scored 0 and counted
+    assert task.pop_verifier_errors() == 1
 
 
 def test_make_task_from_config(tokenizer, tmp_path):
