@@ -199,10 +199,13 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
     build_tokenizer().save_pretrained(tmp)
     with open(os.path.join(tmp, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if os.path.isfile(os.path.join(out_dir, REPORT_FILE)):  # another process finished the same build first:
+        shutil.rmtree(tmp, ignore_errors=True)              # keep its copy (it may be in use)
+        return report
+    shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of an interrupted build
     try:
         os.replace(tmp, out_dir)
-    except OSError:  # another process finished the same build first: keep its copy
+    except OSError:  # lost a race with another build of the same model: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
             raise
