@@ -246,13 +246,17 @@ def check_task(task_cfg, model_path=None) -> None:
     from actors.tasks import make_task
     from launch.config import ConfigError
 
+    if task_cfg.name != "chain" and model_path is None:
+        raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer); "
+                          "the built-in tiny base model only speaks the chain task")
     try:
         if task_cfg.name == "chain":
             make_task(task_cfg)
-        elif model_path is not None:
+        else:
             make_task(task_cfg, tokenizer_dir=os.path.expanduser(model_path))
-    except (ValueError, DataError) as e:
-        raise ConfigError(f"task: {e}") from None
+    except (ValueError, OSError, DataError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"task {task_cfg.name!r} could not be set up from model.path={model_path!r}: {first}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from launch.base_model import check_task
 from launch.config import Config, ConfigError, load_config
 from launch.report import print_summary, write_plots, write_summary
 
@@ -77,10 +78,15 @@ def weight_sync_check(rollout_group, learner_group, task) -> dict:
             "max_abs_diff": max(abs(a - b) for a, b in zip(engine, learner))}
 
 
+def model_vocab_size(model_dir: str) -> int:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return int(json.load(f)["vocab_size"])
+
+
 def start_components(cfg: Config, log) -> Components:
     """Base model, Ray, rollout actors, prefix-store shards, learner."""
     from actors.group import RolloutGroup
-    from actors.tasks import VOCAB, make_task
+    from actors.tasks import make_task
     from launch.base_model import ensure_base_model
     from launch.cluster import actor_env_vars, connect
     from learner.group import LearnerGroup
@@ -93,7 +99,7 @@ def start_components(cfg: Config, log) -> Components:
     task = make_task(cfg.task, tokenizer_dir=model_dir)
     log(f"[graftrl] ray: {where}; starting rollout actors, prefix store, learner (model {model_dir})")
     rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=tc.seed, env_vars=env)
-    store = PrefixStore(store_cfg=cfg.store, vocab_size=len(VOCAB), seed=tc.seed)
+    store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=tc.seed)
     learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
                            micro_batch_size=tc.prompts_per_step * tc.samples_per_request, env_vars=env)
     return Components(task=task, rollout=rollout, store=store, learner=learner, model_dir=model_dir)
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_task(cfg.task, cfg.model.path)  # data file, verifier, tokenizer: fail before anything starts
         run_dir = new_run_dir(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

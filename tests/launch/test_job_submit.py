@@ -1,0 +1,60 @@
+"""Cluster path: a real Ray head on 127.0.0.1, the smoke job submitted with `ray job submit`, as a user would."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--temp-dir={tmp_path}/ray"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the Jobs API answers once the dashboard is up
+        probe = subprocess.run([f"{BIN}/ray", "job", "list", "--address", address], capture_output=True, env=env)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(head.pid, signal.SIGTERM)
+        pytest.fail("ray head did not come up within 120 s")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)  # the head and every process it started share the session
+    head.wait(timeout=60)
+
+
+def test_smoke_job_through_ray_job_submit(ray_head, tmp_path):
+    address, env = ray_head
+    runs = tmp_path / "runs"
+    p = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".",
+                        "--runtime-env", "configs/runtime_env.yaml", "--",
+                        sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml",
+                        f"run_dir={runs}", "run_name=job"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "succeeded" in (p.stdout + p.stderr).lower()
+    summary = json.loads((runs / "job" / "summary.json").read_text())
+    assert summary["steps"] == summary["policy_version"] > 0
+    assert summary["rollouts_from_prefix"] > 0
