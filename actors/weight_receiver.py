@@ -21,6 +21,14 @@ class WeightReceiver:
         self.model_runner.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
 
+    def load_weights_from_file(self, path: str) -> int:
+        """Reload every tensor of a safetensors file on this node (memory-mapped: /dev/shm holds it in RAM)."""
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        self.model_runner.reload_weights(weights_iterator=iter(state.items()))
+        return len(state)
+
     def time_reload_from_file(self, path: str) -> float:
         """Floor of a weight update (bench/rollout.py): seconds of `reload_weights` alone, tensors already in memory."""
         import time

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.rollout           # more requests and repetitions
 
 One run, three engines started side by side in one local Ray: two rollout
-actors on the default tiny model (block size 16, so its short sequences can
+actors on the default tiny model (block size 32, so its short sequences can
 hit the prefix cache) and one on a randomly initialised ~100M-parameter
 Llama (built once, cached under ~/.cache/graftrl/models/).
 
@@ -19,7 +19,8 @@ Llama (built once, cached under ~/.cache/graftrl/models/).
   models; the key holds the worse one. Target <= 2.
 - cache_hit_rate_affinity / _no_affinity: share of prompt+prefix tokens
   served from the prefix cache for branch requests that re-enter prefixes
-  generated one step earlier, with affinity routing on and off.
+  generated one step earlier, with affinity routing on and off (n=1 branch
+  requests: with n > 1, vLLM's sibling samples hit the cache whatever the routing).
 """
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ def throughput(actor, task, requests: int, reps: int) -> dict:
 
 
 def cache_hit_rate(group, affinity: bool, roots: int, seed: int, vocab: int) -> dict:
-    """Step 1: root starts for `roots` random 40-token prompts; step 2: two branch requests per root re-entering a
-    prefix of a step-1 rollout. Hit rate of step 2 (tokens served from the prefix cache / prompt+prefix tokens)."""
+    """Step 1: root starts for `roots` random 40-token prompts; step 2: four single-sample branch requests per root
+    re-entering a prefix of a step-1 rollout. Hit rate of step 2 (tokens served from the prefix cache / prompt+prefix tokens)."""
     from actors.messages import RolloutRequest
 
     rng = random.Random(seed)
@@ -140,11 +141,11 @@ def cache_hit_rate(group, affinity: bool, roots: int, seed: int, vocab: int) -> 
         by_root.setdefault(r.root_id, []).append(r)
     branch = []
     for r, outs in by_root.items():
-        for _ in range(2):
+        for _ in range(4):  # n=1: with n>1 vLLM's sibling samples hit the cache whatever the routing
             src = rng.choice(outs)
             k = rng.randint(1, max(1, len(src.token_ids) - 1))
             branch.append(RolloutRequest(request_id=len(branch), root_id=r, prompt_ids=src.prompt_ids,
-                                         prefix_ids=src.token_ids[:k], n=4))
+                                         prefix_ids=src.token_ids[:k], n=1))
     group.cache_stats(reset=True)
     group.generate(branch)
     return group.cache_stats(reset=True)
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     print(f"[bench.rollout] models ready after {time.time() - t_start:.0f}s; starting 3 engines", file=sys.stderr)
     ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
-    cfg = RolloutConfig(num_actors=2, block_size=16)
+    cfg = RolloutConfig(num_actors=2, block_size=32)
     env = actor_env_vars(cfg.kv_cache_gib)
     with ThreadPoolExecutor(2) as pool:
         f_tiny = pool.submit(RolloutGroup, model_dir=tiny_dir, rollout_cfg=cfg, task_cfg=task_cfg, seed=0, env_vars=env)

@@ -99,7 +99,8 @@ class RolloutConfig:
     """No CUDA graphs / compilation (CPU and debugging)."""
     block_size: Optional[int] = None
     """vLLM KV block size in tokens, the prefix-cache granularity (only whole blocks hit); None: vLLM's default
-    (128 on CPU, 16 on GPU). The tiny chain task's sequences (~11 tokens) are shorter than any block: no hits."""
+    (128 on CPU, 16 on GPU; CPU needs a multiple of 32). The tiny chain task's sequences (~11 tokens) are shorter
+    than any block: no hits."""
     affinity: bool = True
     """Route a branch request to the actor that last generated for its root (its prefix cache may hold the KV);
     False: every request goes to the least-loaded actor."""

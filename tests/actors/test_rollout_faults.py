@@ -25,7 +25,7 @@ def group():
     model_dir = os.environ.get("GRAFTRL_TINY_MODEL") or ensure_base_model(ModelConfig(), TaskConfig())
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
              log_to_driver=False)
-    cfg = RolloutConfig(num_actors=2, block_size=16, max_restarts=2)
+    cfg = RolloutConfig(num_actors=2, block_size=32, max_restarts=2)
     g = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg, task_cfg=TaskConfig(), seed=0,
                      env_vars=actor_env_vars(cfg.kv_cache_gib))
     g.model_dir = model_dir
