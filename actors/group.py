@@ -61,6 +61,8 @@ class RolloutGroup:
             ray.get([a.get_version.remote() for a in self.actors])  # wait until every engine is up
         self.root_owner: dict[str, int] = {}
         self.errors: list[RequestError] = []
+        self.verifier_errors = 0
+        """Samples whose verifier raised, scored 0 (cumulative)."""
         self.retried_requests = 0
         """Requests re-sent to another actor after their actor died (cumulative)."""
         self.restarts_seen = 0
@@ -75,6 +77,7 @@ class RolloutGroup:
         if self.local:
             out = self.actors[0].generate.remote(requests, temperature=temperature)
             self.errors += out.errors
+            self.verifier_errors += out.verifier_errors
             return out.rollouts
         import ray
         from ray.exceptions import RayActorError
@@ -95,6 +98,7 @@ class RolloutGroup:
                     continue
                 rollouts += out.rollouts
                 self.errors += out.errors
+                self.verifier_errors += out.verifier_errors
             if todo:
                 attempt += 1
                 self.retried_requests += len(todo)

@@ -43,6 +43,8 @@ class Generated:
     actor_id: int
     version: int
     """Policy version of the engine that served the call."""
+    verifier_errors: int = 0
+    """Samples whose verifier raised (scored 0) during this call."""
 
 
 def _engine_dead(error: Exception) -> bool:
@@ -116,8 +118,9 @@ class RolloutWorker:
                     errors.append(RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
                                                actor_id=self.actor_id, message=f"request {req.request_id}: {type(e).__name__}: {e}"))
             good = served
-        return Generated(rollouts=self._to_rollouts(good, outputs), errors=errors, actor_id=self.actor_id,
-                         version=self.version)
+        rollouts = self._to_rollouts(good, outputs)
+        return Generated(rollouts=rollouts, errors=errors, actor_id=self.actor_id, version=self.version,
+                         verifier_errors=self.task.pop_verifier_errors())
 
     def _engine_generate(self, requests: list[RolloutRequest], temperature: float) -> list:
         from vllm import SamplingParams, TokensPrompt

@@ -10,16 +10,19 @@ KL-regularised update -> push weights to every rollout actor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from launch.base_model import check_task
-from launch.config import Config, ConfigError, load_config
+from launch.config import Config, ConfigError, load_config, save_config
 from launch.report import print_summary, write_plots, write_summary
 
 
@@ -28,6 +31,7 @@ class Counters:
     rollouts: int = 0
     rollouts_from_prefix: int = 0
     stale_dropped: int = 0
+    request_errors: int = 0
     generated_tokens: int = 0
     eval_tokens: int = 0
     history: list[dict] = field(default_factory=list)
@@ -111,7 +115,10 @@ def generate(comp: Components, cfg: Config, rng: random.Random, step: int):
     tc = cfg.train
     branch_points = comp.store.select(round(tc.prompts_per_step * cfg.store.branch_fraction))
     reqs = make_requests(comp.task, rng, branch_points, prompts=tc.prompts_per_step, n=tc.samples_per_request, step=step)
-    return comp.rollout.generate(reqs), branch_points, time.time() - t0
+    rollouts = comp.rollout.generate(reqs)
+    errors = comp.rollout.pop_errors()  # bad requests fail alone; their branch points are released
+    comp.store.release([(e.root_id, e.branch_ref) for e in errors if e.branch_ref >= 0])
+    return rollouts, branch_points, errors, time.time() - t0
 
 
 def learn(comp: Components, cfg: Config, rollouts, c: Counters) -> tuple[dict, float]:
@@ -129,6 +136,13 @@ def learn(comp: Components, cfg: Config, rollouts, c: Counters) -> tuple[dict, f
     return metrics, time.time() - t0
 
 
+def prefix_cache_hit_rate(rollouts) -> float:
+    """Share of prompt+prefix tokens the engines found in their prefix cache (per request, not per sample)."""
+    first = {r.request_id: r for r in rollouts}.values()
+    total = sum(len(r.prompt_ids) + len(r.prefix_ids) for r in first)
+    return sum(r.cached_tokens for r in first) / total if total else 0.0
+
+
 def step_metrics(rollouts, branch_points, store_stats: dict, c: Counters) -> dict:
     from_prefix = [r for r in rollouts if r.prefix_ids]
     c.rollouts += len(rollouts)
@@ -139,6 +153,8 @@ def step_metrics(rollouts, branch_points, store_stats: dict, c: Counters) -> dic
         "rollout/root_reward_mean": _mean([r.reward for r in rollouts if not r.prefix_ids]),
         "rollout/prefix_reward_mean": _mean([r.reward for r in from_prefix]),
         "rollout/stale_dropped": c.stale_dropped,
+        "rollout/request_errors": c.request_errors,
+        "tree/prefix_cache_hit_rate": prefix_cache_hit_rate(rollouts),
         "tree/branch_points": len(branch_points),
         "tree/prefix_share": len(from_prefix) / len(rollouts),
         "tree/branch_depth_mean": _mean([len(bp.prefix_ids) for bp in branch_points]),
@@ -149,36 +165,85 @@ def step_metrics(rollouts, branch_points, store_stats: dict, c: Counters) -> dic
     }
 
 
-def train(cfg: Config, run_dir: str, log=print) -> dict:
-    """The loop: {generate (maybe overlapped with the previous update) -> insert -> update -> push -> eval}."""
+STOP = threading.Event()
+"""Set by the first Ctrl-C: the loop checkpoints after the current step and stops cleanly."""
+
+
+def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rng: random.Random, step: int,
+                    wandb_id: str) -> str:
+    """Learner state (DeepSpeed + RNG + Hugging Face folder), the store's shards and the driver's position, together."""
+    version, internal, gauss = rng.getstate()
+    extra = {"step": step, "rng": [version, list(internal), gauss], "wandb_id": wandb_id,
+             "counters": {k: v for k, v in dataclasses.asdict(c).items() if k != "history"}}
+    path = comp.learner.save_checkpoint(os.path.join(run_dir, "checkpoints"), extra=extra, keep=cfg.train.keep_checkpoints)
+    comp.store.snapshot(os.path.join(path, "store"))
+    with open(os.path.join(run_dir, "history.json"), "w") as f:
+        json.dump(c.history, f)
+    return path
+
+
+def restore_checkpoint(comp: Components, run_dir: str, rng: random.Random) -> tuple[Counters, int, str]:
+    """Inverse of save_checkpoint for the latest checkpoint; the engines get the restored weights."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    extra = comp.learner.load_checkpoint(ckpt_root)
+    with open(os.path.join(ckpt_root, "latest")) as f:
+        comp.store.restore(os.path.join(ckpt_root, f.read().strip(), "store"))
+    version, internal, gauss = extra["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    c = Counters(**{k: v for k, v in extra["counters"].items()})
+    c.evals = [tuple(e) for e in c.evals]
+    with open(os.path.join(run_dir, "history.json")) as f:
+        c.history = [h for h in json.load(f) if h["step"] <= extra["step"]]
+    comp.rollout.update_weights(comp.learner.async_weights(), comp.learner.version())
+    return c, extra["step"], extra["wandb_id"]
+
+
+def train(cfg: Config, run_dir: str, log=print, resume: bool = False) -> dict:
+    """Start the components, run the loop, always stop the actors and Ray (also on errors and Ctrl-C)."""
     import ray
+
+    t_start = time.time()
+    comp = start_components(cfg, log)
+    try:
+        return loop(comp, cfg, run_dir, log, t_start, resume)
+    finally:
+        comp.rollout.shutdown()
+        comp.learner.shutdown()
+        ray.shutdown()
+
+
+def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resume: bool) -> dict:
+    """The loop: {generate (maybe overlapped with the previous update) -> insert -> update -> push -> eval}."""
     import wandb
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    t_start = time.time()
-    comp = start_components(cfg, log)
+    tc, c, rng, first_step, wandb_id = cfg.train, Counters(), random.Random(cfg.train.seed), 0, None
+    if resume:
+        c, first_step, wandb_id = restore_checkpoint(comp, run_dir, rng)
+        log(f"[graftrl] resumed {run_dir} at step {first_step}")
     run = wandb.init(project=cfg.wandb.project, dir=run_dir, mode=cfg.wandb.mode, name=os.path.basename(run_dir),
-                     config=OmegaConf.to_container(cfg, resolve=True))
+                     config=OmegaConf.to_container(cfg, resolve=True), id=wandb_id, resume="allow" if resume else None)
     startup_s = time.time() - t_start
-    tc, c, rng = cfg.train, Counters(), random.Random(cfg.train.seed)
-    success_before, tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
-    c.eval_tokens += tok
-    c.evals.append((0, success_before))
-    t_train = time.time()
+    if not resume:
+        success, tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
+        c.eval_tokens += tok
+        c.evals.append((0, success))
+    t_train, step = time.time(), first_step
     # Async mode: the next batch is generated (by the current weights) while the learner trains on this one;
     # at most one batch is in flight (backpressure) and samples older than max_policy_lag updates are dropped.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(generate, comp, cfg, rng, 0)
-        for step in (bar := tqdm(range(tc.steps), desc="train", unit="step", disable=None)):
+        pending = pool.submit(generate, comp, cfg, rng, first_step) if first_step < tc.steps else None
+        for step in (bar := tqdm(range(first_step, tc.steps), desc="train", unit="step", disable=None,
+                                 initial=first_step, total=tc.steps)):
             t0 = time.time()
-            rollouts, branch_points, t_gen = pending.result()
+            rollouts, branch_points, errors, t_gen = pending.result()
+            c.request_errors += len(errors)
             if tc.async_rollouts and step + 1 < tc.steps:
                 pending = pool.submit(generate, comp, cfg, rng, step + 1)
             metrics, t_push = learn(comp, cfg, rollouts, c)
-            if not tc.async_rollouts and step + 1 < tc.steps:
-                pending = pool.submit(generate, comp, cfg, rng, step + 1)
             metrics.update(step_metrics(rollouts, branch_points, comp.store.stats(), c))
+            metrics["rollout/verifier_errors"] = comp.rollout.verifier_errors
             metrics.update({"timing/generate_s": t_gen, "timing/weight_push_s": t_push, "timing/step_s": time.time() - t0})
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
                 metrics["eval/heldout_success"], tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
@@ -190,31 +255,39 @@ def train(cfg: Config, run_dir: str, log=print) -> dict:
             c.history.append({"step": step + 1, "generated_tokens": c.generated_tokens, **metrics})
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",
                             prefix=f"{metrics['tree/prefix_share']:.2f}")
+            if STOP.is_set() or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
+                save_checkpoint(comp, cfg, run_dir, c, rng, step + 1, run.id)
+            if STOP.is_set():
+                log(f"[graftrl] interrupted: checkpoint of step {step + 1} written; resume with "
+                    f"python -m launch.train resume={run_dir}")
+                break
+            if not tc.async_rollouts and step + 1 < tc.steps:
+                pending = pool.submit(generate, comp, cfg, rng, step + 1)
     train_s = time.time() - t_train
-    sync_check = weight_sync_check(comp.rollout, comp.learner, comp.task)
-    log(f"[graftrl] weight sync check: max |engine - learner| logprob = {sync_check['max_abs_diff']:.2e}")
-    success_after, tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
-    c.eval_tokens += tok
-    c.evals.append((c.generated_tokens, success_after))
-    run.log({"eval/heldout_success": success_after}, step=tc.steps)
-    comp.store.snapshot(os.path.join(run_dir, "store"))
+    done = c.history[-1]["step"] if c.history else first_step
     summary = {
         "run_id": os.path.basename(run_dir), "config": OmegaConf.to_container(cfg, resolve=True), "model_dir": comp.model_dir,
-        "steps": tc.steps, "heldout_success_before": success_before, "heldout_success_after": success_after,
+        "steps": done, "interrupted": STOP.is_set(), "heldout_success_before": c.evals[0][1] if c.evals else None,
         "rollouts": c.rollouts, "rollouts_from_prefix": c.rollouts_from_prefix, "stale_rollouts_dropped": c.stale_dropped,
-        "generated_tokens": c.generated_tokens, "eval_tokens": c.eval_tokens, "evals": c.evals,
-        "final_loss": c.history[-1].get("learner/loss"), "policy_version": comp.learner.version(),
-        "weight_sync_check": sync_check, "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
-        "wall_seconds": round(time.time() - t_start, 1),
+        "request_errors": c.request_errors, "verifier_errors": comp.rollout.verifier_errors,
+        "generated_tokens": c.generated_tokens, "final_loss": c.history[-1].get("learner/loss") if c.history else None,
+        "policy_version": comp.learner.version(), "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
     }
+    if not STOP.is_set():
+        summary["weight_sync_check"] = weight_sync_check(comp.rollout, comp.learner, comp.task)
+        log(f"[graftrl] weight sync check: max |engine - learner| logprob = {summary['weight_sync_check']['max_abs_diff']:.2e}")
+        success, tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
+        c.eval_tokens += tok
+        c.evals.append((c.generated_tokens, success))
+        summary["heldout_success_after"] = success
+        run.log({"eval/heldout_success": success}, step=done)
+        comp.store.snapshot(os.path.join(run_dir, "store"))
+    summary.update(eval_tokens=c.eval_tokens, evals=c.evals, wall_seconds=round(time.time() - t_start, 1))
     with open(os.path.join(run_dir, "history.json"), "w") as f:
         json.dump(c.history, f)
     write_plots(run_dir, c.history, c.evals)
     run.summary.update({k: v for k, v in summary.items() if k not in ("config", "weight_sync_check", "evals")})
     run.finish()
-    comp.rollout.shutdown()
-    comp.learner.shutdown()
-    ray.shutdown()
     return summary
 
 
@@ -230,29 +303,59 @@ def new_run_dir(cfg: Config) -> str:
     return run_dir
 
 
+def parse_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`resume=runs/<id>` is not a config key: it names the run to continue."""
+    rest = [o for o in overrides if not o.startswith("resume=")]
+    resumes = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if not resumes:
+        return None, rest
+    run_dir = resumes[-1].rstrip("/")
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise ConfigError(f"resume={run_dir!r}: no run there (expected {run_dir}/config.yaml); give a folder under runs/")
+    if not os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
+        raise ConfigError(f"resume={run_dir!r}: the run has no checkpoint yet; start it again instead")
+    return run_dir, rest
+
+
+def on_sigint(signum, frame) -> None:
+    """First Ctrl-C: finish the step, checkpoint, stop cleanly. Second: abort at once."""
+    STOP.set()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print("\n[graftrl] Ctrl-C: checkpointing after this step (press again to abort)", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.train", description="graftrl: RL post-training with prefix access")
     ap.add_argument("--config", default="configs/default.yaml", help="YAML config (differences from launch/config.py defaults)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10 store.scorer=random")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10 store.scorer=random; "
+                                                 "resume=runs/<id> continues a run from its last checkpoint")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        resume_dir, overrides = parse_resume(args.overrides)
+        if resume_dir:
+            cfg = load_config(os.path.join(resume_dir, "config.yaml"), overrides)
+            run_dir = resume_dir
+        else:
+            cfg = load_config(args.config, overrides)
+            run_dir = new_run_dir(cfg)
         check_task(cfg.task, cfg.model.path)  # data file, verifier, tokenizer: fail before anything starts
-        run_dir = new_run_dir(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(run_dir)
+    if not resume_dir:
+        os.makedirs(run_dir)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log = lambda m: print(m, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
-        summary = train(cfg, os.path.abspath(run_dir), log=log)
+        summary = train(cfg, os.path.abspath(run_dir), log=log, resume=bool(resume_dir))
     except BaseException:
         log(f"[graftrl] run failed; partial outputs left in {run_dir} for inspection")
         raise
     write_summary(run_dir, cfg.run_dir, summary)
     print_summary(summary)
     log(f"[graftrl] summary: {os.path.join(run_dir, 'summary.json')}")
-    return 0
+    return 130 if summary["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ class PrefixStore:
         claimed = [bp for part in self._call([(i, "claim", (bps,)) for i, bps in by_shard.items()]) for bp in part]
         return sorted(claimed, key=lambda bp: -bp.score)
 
+    def release(self, handles: list[tuple[str, int]]) -> None:
+        """Unpin branch points whose request was not served: (root_id, ref) pairs."""
+        by_shard = defaultdict(list)
+        for root_id, ref in handles:
+            by_shard[shard_of(root_id, len(self.shards))].append(ref)
+        self._call([(i, "release", (refs,)) for i, refs in by_shard.items()])
+
     def stats(self) -> dict[str, float]:
         total: dict[str, float] = defaultdict(float)
         for s in self._call([(i, "stats", ()) for i in range(len(self.shards))]):

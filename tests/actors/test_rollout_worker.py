@@ -50,6 +50,9 @@ class FakeTask:
     def reward(self, prompt_ids, continuation):
         return 1.0 if continuation[-1:] == [4] else 0.0
 
+    def pop_verifier_errors(self):
+        return 0
+
 
 def make_worker(llm=None):
     w = RolloutWorker.__new__(RolloutWorker)

@@ -176,7 +176,7 @@ def test_model_folder_tokenizer_and_early_config_errors(tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", GOOD + [BAD[0]])
     ok = load_config(None, ["task.name=jsonl", f"task.data_path={data}", f"model.path={folder}"])
     assert ensure_base_model(ok.model, ok.task) == str(folder)
-    for overrides, match in [(["task.on_bad_line=reject"], "task: .*line 51: not valid JSON"),
+    for overrides, match in [(["task.on_bad_line=reject"], "task .*line 51: not valid JSON"),
                              (["task.verifier=nosuch.module:f"], "cannot import module 'nosuch.module'"),
                              ([f"task.data_path={tmp_path}/missing.jsonl"], "cannot read prompt file")]:
         cfg = load_config(None, ["task.name=jsonl", f"task.data_path={data}", f"model.path={folder}", *overrides])
