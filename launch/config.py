@@ -152,7 +152,32 @@ class LearnerConfig:
     kl_estimator: str = "k3"
     """KL estimator in the loss: k1, k2 or k3."""
     advantage: str = "group"
-    """Advantage: `group` (mean baseline over siblings sharing a start prefix) or `group_norm` (also / std)."""
+    """Advantage: `group` (mean baseline over siblings sharing a start prefix), `group_norm` (also / std, GRPO),
+    `rloo` (leave-one-out mean) or `soft_value` (per token V(s+a) - V(s) from the store; needs the driver to pass values)."""
+    kl_mode: str = "loss"
+    """Where the KL term goes: `loss` (beta * k per token in the loss) or `reward` (r - beta * sum_t k, then the baseline; use k1)."""
+    ref_ema: float = 0.0
+    """Reference policy: 0 = frozen copy of the base model; a in (0, 1) = EMA anchor ref <- (1-a) ref + a pi after each update."""
+    dtype: str = "float32"
+    """Learner compute dtype: float32, or bfloat16 (DeepSpeed bf16: fp32 master weights in the optimizer)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per update on each rank (gradients accumulated; the update equals the full-batch one)."""
+    world_size: int = 1
+    """Data-parallel learner ranks (Ray actors, each `num_cpus`/`num_gpus`); the batch is split across them."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: str = "constant"
+    """Learning-rate schedule after warmup: constant, linear or cosine (to lr * min_lr_ratio over decay_steps)."""
+    warmup_steps: int = 0
+    """Linear warmup updates from lr/warmup_steps to lr."""
+    decay_steps: int = 0
+    """Updates of the linear/cosine decay after warmup (0: no decay)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the decay, as a fraction of lr."""
+    checkpoint_every: int = 0
+    """Save a learner checkpoint (DeepSpeed state + Hugging Face folder) every this many updates (0: never)."""
+    keep_checkpoints: int = 2
+    """Number of newest checkpoints kept."""
     nudge: float = 0.0
     """Affirmative nudge epsilon added to every advantage."""
     clip_ratio: float = 0.2
@@ -177,6 +202,10 @@ class TrainConfig:
     """Generate the next batch while the learner trains on this one (one batch in flight, policy lag 1)."""
     max_policy_lag: int = 1
     """Samples generated more than this many updates ago are dropped (counted as rollout/stale_dropped)."""
+    checkpoint_every: int = 0
+    """Checkpoint (learner, store, data position) every this many steps under runs/<id>/checkpoints; 0: only on Ctrl-C."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (oldest deleted first)."""
     eval_every: int = 10
     """Measure held-out success every this many steps (0: only before and after training)."""
     seed: int = 0
@@ -220,7 +249,10 @@ _CHOICES = {
     "task.on_bad_line": ("skip", "reject"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "store.branch_action": ("resample", "force"),
-    "learner.advantage": ("group", "group_norm"),
+    "learner.advantage": ("group", "group_norm", "rloo", "soft_value"),
+    "learner.kl_mode": ("loss", "reward"),
+    "learner.dtype": ("float32", "bfloat16"),
+    "learner.lr_schedule": ("constant", "linear", "cosine"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
 
@@ -237,7 +269,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"store.branch_fraction={cfg.store.branch_fraction} must lie in [0, 1]")
     if not 0 <= cfg.learner.zero_stage <= 3:
         raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
-    for key in ("train.steps", "train.prompts_per_step", "train.samples_per_request", "task.horizon"):
+    if not 0.0 <= cfg.learner.ref_ema < 1.0:
+        raise ConfigError(f"learner.ref_ema={cfg.learner.ref_ema} must lie in [0, 1) (0: frozen base model as reference)")
+    for key in ("train.steps", "train.prompts_per_step", "train.samples_per_request", "task.horizon",
+                "learner.grad_accum_steps", "learner.world_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
     if cfg.model.path is not None and not os.path.isdir(os.path.expanduser(cfg.model.path)):
@@ -268,3 +303,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     _validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """The resolved config of a run, so `resume=runs/<id>` continues with exactly the same settings."""
+    OmegaConf.save(cfg, path, resolve=True)
