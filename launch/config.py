@@ -174,10 +174,6 @@ class LearnerConfig:
     """Updates of the linear/cosine decay after warmup (0: no decay)."""
     min_lr_ratio: float = 0.0
     """Final learning rate of the decay, as a fraction of lr."""
-    checkpoint_every: int = 0
-    """Save a learner checkpoint (DeepSpeed state + Hugging Face folder) every this many updates (0: never)."""
-    keep_checkpoints: int = 2
-    """Number of newest checkpoints kept."""
     nudge: float = 0.0
     """Affirmative nudge epsilon added to every advantage."""
     clip_ratio: float = 0.2

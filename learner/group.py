@@ -1,32 +1,120 @@
-"""LearnerGroup: the Learner as a Ray actor (one data-parallel rank on the default path)."""
+"""LearnerGroup: `learner_cfg.world_size` data-parallel Learner ranks as Ray actors, or one in-process.
+
+Every rank receives the whole batch (one object in the Ray store) and keeps
+its shard; all ranks run every call that may be a collective (train step,
+weight export and log-probs under ZeRO-3, checkpoints) and rank 0 answers.
+The ranks are created first, rank 0 names the master address and a free
+port on its node, then all ranks build their DeepSpeed engine concurrently
+(`deepspeed.initialize` blocks until every rank has joined).
+"""
 from __future__ import annotations
 
-import ray
+import socket
 
 from learner.batch import TrainBatch
 from learner.learner import Learner
 
 
+class _Rank:
+    """The Ray-side holder of one Learner rank (constructed in two phases, see the module docstring)."""
+
+    def master(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init(self, **kwargs) -> int:
+        self.learner = Learner(**kwargs)
+        return self.learner.version
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.learner, method)(*args, **kwargs)
+
+
 class LearnerGroup:
-    def __init__(self, *, model_dir: str, learner_cfg, seed: int, micro_batch_size: int, env_vars: dict[str, str]):
-        actor_cls = ray.remote(Learner).options(num_cpus=learner_cfg.num_cpus, num_gpus=learner_cfg.num_gpus,
-                                                runtime_env={"env_vars": env_vars})
-        self.actor = actor_cls.remote(model_dir=model_dir, learner_cfg=learner_cfg, seed=seed,
-                                      micro_batch_size=micro_batch_size)
-        ray.get(self.actor.get_version.remote())
+    def __init__(self, *, model_dir: str, learner_cfg, seed: int, micro_batch_size: int, env_vars: dict[str, str] | None = None,
+                 local: bool = False):
+        """local=True: one Learner in this process (world size 1), same API, for tests and debugging."""
+        self.world_size = 1 if local else int(getattr(learner_cfg, "world_size", 1))
+        self.zero_stage = learner_cfg.zero_stage
+        kwargs = dict(model_dir=model_dir, learner_cfg=learner_cfg, seed=seed, micro_batch_size=micro_batch_size)
+        if local:
+            self.local, self.actors = Learner(**kwargs), []
+            return
+        import ray
+
+        self.local = None
+        actor_cls = ray.remote(_Rank).options(num_cpus=learner_cfg.num_cpus, num_gpus=learner_cfg.num_gpus,
+                                              runtime_env={"env_vars": env_vars or {}})
+        self.actors = [actor_cls.remote() for _ in range(self.world_size)]
+        addr, port = ray.get(self.actors[0].master.remote())
+        ray.get([a.init.remote(rank=r, world_size=self.world_size, master_addr=addr, master_port=port, **kwargs)
+                 for r, a in enumerate(self.actors)])
+
+    def _all(self, method: str, *args, **kwargs):
+        """Run `method` on every rank (collectives need all); rank 0's result (an ObjectRef when remote)."""
+        if self.local is not None:
+            return getattr(self.local, method)(*args, **kwargs)
+        refs = [a.call.remote(method, *args, **kwargs) for a in self.actors]
+        return refs[0], refs
+
+    def _get(self, method: str, *args, **kwargs):
+        if self.local is not None:
+            return self._all(method, *args, **kwargs)
+        import ray
+
+        first, refs = self._all(method, *args, **kwargs)
+        ray.get(refs)
+        return ray.get(first)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        return ray.get(self.actor.train_step.remote(batch))
+        if self.local is None:
+            import ray
 
-    def async_weights(self) -> ray.ObjectRef:
-        """Object ref of the current weights as safetensors bytes (serialised once, shared by all actors)."""
-        return self.actor.weights_bytes.remote()
+            batch = ray.put(batch)  # one copy in the object store, shared by all ranks
+        return self._get("train_step", batch)
+
+    def async_weights(self):
+        """Object ref of the current weights as safetensors bytes (serialised once, shared by all actors).
+
+        Local mode: the bytes themselves put in the Ray object store when Ray is up, else the bytes."""
+        if self.local is not None:
+            data = self.local.weights_bytes()
+            try:
+                import ray
+
+                return ray.put(data) if ray.is_initialized() else data
+            except ImportError:
+                return data
+        if self.zero_stage < 3:  # no collective needed: rank 0 alone
+            return self.actors[0].call.remote("weights_bytes")
+        return self._all("weights_bytes")[0]
 
     def version(self) -> int:
-        return ray.get(self.actor.get_version.remote())
+        return self.local.get_version() if self.local is not None else self._get("get_version")
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        return ray.get(self.actor.sequence_logprobs.remote(token_ids))
+        if self.local is None and self.zero_stage < 3:
+            import ray
+
+            return ray.get(self.actors[0].call.remote("sequence_logprobs", token_ids))
+        return self._get("sequence_logprobs", token_ids)
+
+    def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True) -> str:
+        """DeepSpeed state + RNG + `extra` (data position) + an hf/ folder under ckpt_dir/step<version>; keeps the newest `keep`."""
+        return self._get("save_checkpoint", ckpt_dir, extra=extra, keep=keep, hf=hf)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str | None = None) -> dict:
+        """Restore every rank from ckpt_dir (tag None: latest); returns the `extra` saved with it."""
+        return self._get("load_checkpoint", ckpt_dir, tag)
 
     def shutdown(self) -> None:
-        ray.kill(self.actor)
+        if self.actors:
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []

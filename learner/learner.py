@@ -1,91 +1,231 @@
-"""Learner: a DeepSpeed engine around the policy, a frozen reference copy, one update per call.
+"""Learner: one data-parallel rank of a DeepSpeed engine around the policy, a reference policy, one update per call.
 
-A plain class; `learner.group.LearnerGroup` makes it a Ray actor. It owns
-the optimisation (DeepSpeed ZeRO stage from config; gloo on CPU, NCCL on
-GPU) and the weight export. It does not know where rollouts came from:
-branched and root-start samples arrive as the same TrainBatch.
+A plain class; `learner.group.LearnerGroup` makes `world_size` of them Ray
+actors (or runs one in-process). It owns the optimisation (DeepSpeed ZeRO
+stage 0-3 from config, fp32 or bf16, gradient accumulation, clipping, a
+learning-rate schedule; gloo on CPU, NCCL on GPU), the reference policy
+(a frozen copy of the base model or an EMA anchor of the policy), the bad
+input guards, checkpoints and the weight export. It does not know where
+rollouts came from: branched and root-start samples arrive as the same
+TrainBatch (context masked, see learner.objectives).
+
+Data parallelism: every rank receives the whole batch, keeps a contiguous
+shard (`shard_indices`), splits it into `grad_accum_steps` micro-batches and
+normalises every micro-batch loss by the token count of the *global* batch,
+so the update equals the single-rank full-batch update (tested).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import io
+import glob
 import os
+import random
+import shutil
 
 from learner.batch import TrainBatch, collate, token_logprobs
-from learner.objectives import policy_loss
+from learner.objectives import kl_penalised_rewards, policy_loss, sequence_advantages
+from learner.schedule import lr_factor
+
+METRICS = ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean")
 
 
-def _dist_env(rank: int, world_size: int, master_port: int) -> None:
+def _dist_env(rank: int, world_size: int, master_port: int, master_addr: str = "127.0.0.1") -> None:
     """DeepSpeed reads the process layout from the environment; set it before importing it."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank),
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0" if os.environ["DS_ACCELERATOR"] == "cpu" else str(rank))
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """Contiguous, near-equal shard of range(n) for `rank` (earlier ranks get the remainder)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (rank < extra)))
 
 
 class Learner:
     def __init__(self, *, model_dir: str, learner_cfg, seed: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, master_port: int = 29611):
-        _dist_env(rank, world_size, master_port)
+                 rank: int = 0, world_size: int = 1, master_port: int = 29611, master_addr: str = "127.0.0.1"):
+        _dist_env(rank, world_size, master_port, master_addr)
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
+        random.seed(seed)
         self.cfg = learner_cfg
-        self.torch = torch
+        self.torch, self.deepspeed = torch, deepspeed
+        self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
+        self.ga = int(getattr(learner_cfg, "grad_accum_steps", 1))
+        self.bf16 = getattr(learner_cfg, "dtype", "float32") == "bfloat16"
+        self.zero_stage = learner_cfg.zero_stage
+        self.kl_mode = getattr(learner_cfg, "kl_mode", "loss")
+        self.ref_ema = float(getattr(learner_cfg, "ref_ema", 0.0))
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.pad_id = model.config.pad_token_id or 0
+        # Reference: a frozen copy of the base model (compute dtype), or an EMA anchor kept in fp32.
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.bf16 and self.ref_ema == 0.0:
+            self.ref = self.ref.to(torch.bfloat16)
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": self.ga,
             "gradient_clipping": learner_cfg.grad_clip,
-            "zero_optimization": {"stage": learner_cfg.zero_stage},
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, weight_decay=0.0)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # torch AdamW (not DeepSpeed's CPU Adam: no op to compile); ZeRO partitions its state.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, weight_decay=getattr(learner_cfg, "weight_decay", 0.0))
+        sched_kw = dict(schedule=getattr(learner_cfg, "lr_schedule", "constant"), warmup_steps=getattr(learner_cfg, "warmup_steps", 0),
+                        decay_steps=getattr(learner_cfg, "decay_steps", 0), min_ratio=getattr(learner_cfg, "min_lr_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **sched_kw))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                                 config=ds_config)
         self.version = 0
         self.rejected_batches = 0
         self.skipped_steps = 0
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One KL-regularised update on `batch`; returns learner/ metrics."""
+    # ---- collectives -------------------------------------------------------------------------------
+    def _all_sum(self, x):
+        if self.world_size > 1:
+            self.torch.distributed.all_reduce(x)
+        return x
+
+    def _all_finite(self, loss) -> bool:
+        """True iff the loss is finite on every rank (all ranks take the same skip decision)."""
+        bad = self.torch.tensor([0.0 if bool(self.torch.isfinite(loss)) else 1.0])
+        return float(self._all_sum(bad)) == 0.0
+
+    @contextlib.contextmanager
+    def _full_params(self, modify: bool = False):
+        """Whole (unpartitioned) policy parameters inside the block; a collective under ZeRO-3."""
+        if self.zero_stage == 3:
+            params = list(self.engine.module.parameters())
+            with self.deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+                yield
+        else:
+            yield
+
+    # ---- update ------------------------------------------------------------------------------------
+    def _micro_tensors(self, batch: TrainBatch):
+        if len(batch) == 0:  # an empty shard still takes part in the collectives, with zero weight
+            t = collate(TrainBatch([[self.pad_id]], [[self.pad_id]], [[0.0]], [0.0], [0]), self.pad_id)
+            t["mask"].zero_()
+            return t
+        return collate(batch, self.pad_id)
+
+    def _logp(self, model, t):
+        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits  # (B, L, V)
+        return token_logprobs(logits, t["input_ids"], t["cont_index"])  # (B, T), fp32
+
+    def _ref_logp(self, t):
+        with self.torch.no_grad():
+            return self._logp(self.ref, t)
+
+    def _kl_reward_advantages(self, batch: TrainBatch, shard: list[int], micro_idx, micros, refs):
+        """KL in the reward: r' = r - beta * sum_t k(behaviour, ref) for every sample (gathered over ranks), then the baseline."""
         torch = self.torch
-        if not batch.is_finite():
+        if batch.rewards is None or batch.group_ids is None:
+            raise ValueError("learner.kl_mode=reward needs TrainBatch.rewards and group_ids (build_train_batch sets them)")
+        if batch.token_advantages is not None:
+            raise ValueError("learner.kl_mode=reward is not defined for per-token (soft_value) advantages; use kl_mode=loss")
+        pen = torch.zeros(len(batch), dtype=torch.float64)
+        for idx, t, ref in zip(micro_idx, micros, refs):
+            if idx:
+                r = torch.zeros(len(idx), dtype=torch.float64)
+                shaped = kl_penalised_rewards(r, t["behaviour"].double(), ref.double(), t["mask"].double(),
+                                              kl_coef=self.cfg.kl_coef, estimator=self.cfg.kl_estimator)
+                pen[[shard[i] for i in idx]] = shaped  # = -beta * KL_i
+        pen = self._all_sum(pen)
+        rewards = torch.tensor(batch.rewards, dtype=torch.float64) + pen
+        adv = sequence_advantages(rewards, torch.tensor(batch.group_ids), self.cfg.advantage, nudge=self.cfg.nudge)
+        for idx, t in zip(micro_idx, micros):
+            if idx:
+                t["advantages"] = adv[[shard[i] for i in idx]].float()
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One KL-regularised update on the (global) `batch`; returns global learner/ metrics on every rank.
+
+        Rejected without touching the model: a batch with non-finite logprobs,
+        advantages or rewards (counted in learner/rejected_batches). Skipped
+        with weights and optimizer state unchanged: a step whose loss is
+        non-finite on any rank or micro-batch (learner/skipped_steps). With
+        grad_accum_steps > 1 the losses are checked in a no-grad pass first,
+        so no gradient is accumulated before the decision.
+        """
+        torch = self.torch
+        counters = {"learner/rejected_batches": self.rejected_batches, "learner/skipped_steps": self.skipped_steps,
+                    "learner/version": self.version}
+        if len(batch) == 0 or not batch.is_finite():
             self.rejected_batches += 1
-            return {"learner/rejected_batches": self.rejected_batches}
-        t = collate(batch, self.pad_id)
+            return {**counters, "learner/rejected_batches": self.rejected_batches}
+        n_tokens = float(sum(len(t) for t in batch.token_ids))
+        shard = shard_indices(len(batch), self.rank, self.world_size)
+        local = batch.select(shard)
+        micro_idx = [shard_indices(len(local), k, self.ga) for k in range(self.ga)]
+        micros = [self._micro_tensors(local.select(idx)) for idx in micro_idx]
+        refs = [self._ref_logp(t) for t in micros]
+        kl_coef = self.cfg.kl_coef
+        if self.kl_mode == "reward":
+            self._kl_reward_advantages(batch, shard, micro_idx, micros, refs)
+            kl_coef = 0.0
+        loss_kw = dict(clip_ratio=self.cfg.clip_ratio, kl_coef=kl_coef, kl_estimator=self.cfg.kl_estimator, denom=n_tokens)
+
         self.engine.train()
-        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits  # (B, L, V)
-        logp = token_logprobs(logits, t["input_ids"], t["cont_index"])  # (B, T)
-        with torch.no_grad():
-            ref_logits = self.ref(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-            ref_logp = token_logprobs(ref_logits, t["input_ids"], t["cont_index"])
-        loss, info = policy_loss(logp, t["behaviour"], ref_logp, t["advantages"], t["mask"],
-                                 clip_ratio=self.cfg.clip_ratio, kl_coef=self.cfg.kl_coef,
-                                 kl_estimator=self.cfg.kl_estimator)
-        if not torch.isfinite(loss):
-            self.skipped_steps += 1
-            return {"learner/skipped_steps": self.skipped_steps}
-        self.engine.backward(loss)
-        self.engine.step()
+        if self.ga > 1:  # decide the skip before any gradient is accumulated
+            with torch.no_grad():
+                ok = all(self._all_finite(policy_loss(self._logp(self.engine, t), t["behaviour"], ref, t["advantages"], t["mask"],
+                                                      **loss_kw)[0]) for t, ref in zip(micros, refs))
+            if not ok:
+                return self._skip(counters)
+        sums = torch.zeros(len(METRICS), dtype=torch.float64)
+        for t, ref in zip(micros, refs):
+            logp = self._logp(self.engine, t)
+            loss, info = policy_loss(logp, t["behaviour"], ref, t["advantages"], t["mask"], **loss_kw)
+            if self.ga == 1 and not self._all_finite(loss):
+                return self._skip(counters)
+            # DeepSpeed averages gradients over ranks; the loss is already a share of the global token mean.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            sums += torch.tensor([float(loss.detach())] + [float(info[k]) for k in METRICS[1:]], dtype=torch.float64)
         self.version += 1
+        if self.ref_ema > 0:
+            self._update_ema()
+        sums = self._all_sum(sums)
         grad_norm = self.engine.get_global_grad_norm()
-        return {"learner/loss": float(loss.detach()), **{f"learner/{k}": float(v) for k, v in info.items()},
+        return {**counters, "learner/version": self.version, **{f"learner/{k}": float(v) for k, v in zip(METRICS, sums)},
                 "learner/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "learner/tokens": float(t["mask"].sum()), "learner/version": self.version}
+                "learner/tokens": n_tokens, "learner/lr": float(self.scheduler.get_last_lr()[0])}
+
+    def _skip(self, counters: dict) -> dict[str, float]:
+        self.skipped_steps += 1
+        return {**counters, "learner/skipped_steps": self.skipped_steps}
+
+    def _update_ema(self) -> None:
+        """EMA anchor (online RLHF): ref <- (1 - a) ref + a pi after each update, in fp32."""
+        torch = self.torch
+        with torch.no_grad(), self._full_params():
+            for p_ref, p in zip(self.ref.parameters(), self.engine.module.parameters()):
+                p_ref.lerp_(p.detach().float(), self.ref_ema)
+
+    # ---- weights out -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The policy's full state dict (Hugging Face names, fp32 copies); a collective under ZeRO-3."""
+        with self._full_params():
+            return {k: v.detach().float().clone().contiguous() for k, v in self.engine.module.state_dict().items()}
 
     def weights_bytes(self) -> bytes:
-        """The policy's state dict (Hugging Face names) as safetensors bytes, for the rollout engines."""
+        """The policy's state dict as safetensors bytes, for the rollout engines (b"" off rank 0)."""
         from safetensors.torch import save
 
-        state = {k: v.detach().contiguous() for k, v in self.engine.module.state_dict().items()}
-        return save(state)
+        state = self.state_dict()
+        return save(state) if self.rank == 0 else b""
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log pi(x_t | x_<t) for t >= 1 under the current policy."""
+        """log pi(x_t | x_<t) for t >= 1 under the current policy (every rank must call it under ZeRO-3)."""
         torch = self.torch
         with torch.no_grad():
             logits = self.engine.module(input_ids=torch.tensor([token_ids])).logits
@@ -94,3 +234,63 @@ class Learner:
 
     def get_version(self) -> int:
         return self.version
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True) -> str:
+        """Save <ckpt_dir>/step<version>/: DeepSpeed state (optimizer, scheduler, step), per-rank RNG,
+        the reference (if EMA), counters, `extra` (the driver's data position), and an `hf/` folder
+        that transformers and vLLM load. Keeps the newest `keep` checkpoints. Every rank must call it."""
+        import numpy as np
+        torch = self.torch
+
+        tag = f"step{self.version:08d}"
+        client = {"version": self.version, "rejected_batches": self.rejected_batches, "skipped_steps": self.skipped_steps,
+                  "extra": extra or {}}
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client)
+        path = os.path.join(ckpt_dir, tag)
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   os.path.join(path, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0 and self.ref_ema > 0:
+            torch.save(self.ref.state_dict(), os.path.join(path, "ref_ema.pt"))
+        if hf:
+            self.save_hf(os.path.join(path, "hf"))
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        if self.rank == 0:
+            for old in sorted(glob.glob(os.path.join(ckpt_dir, "step*")))[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def save_hf(self, out_dir: str) -> None:
+        """A Hugging Face folder (config, safetensors, tokenizer files of the base) of the current policy."""
+        state = self.state_dict()
+        if self.rank != 0:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        for f in os.listdir(self.model_dir):  # tokenizer and generation files of the base model
+            src = os.path.join(self.model_dir, f)
+            if os.path.isfile(src) and not f.endswith((".safetensors", ".bin", ".pt")) and f != "config.json" \
+                    and not f.startswith("model.safetensors") and not os.path.exists(os.path.join(out_dir, f)):
+                shutil.copy2(src, out_dir)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str | None = None) -> dict:
+        """Restore a checkpoint written by save_checkpoint (tag None: the latest); returns its `extra`."""
+        import numpy as np
+        torch = self.torch
+
+        path, client = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir!r} (tag {tag!r})")
+        tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
+        if not os.path.exists(os.path.join(tag_dir, f"rng_rank{self.rank}.pt")):
+            tag_dir = os.path.join(ckpt_dir, tag or open(os.path.join(ckpt_dir, "latest")).read().strip())
+        rng = torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if self.ref_ema > 0:
+            self.ref.load_state_dict(torch.load(os.path.join(tag_dir, "ref_ema.pt")))
+        self.version = client["version"]
+        self.rejected_batches, self.skipped_steps = client["rejected_batches"], client["skipped_steps"]
+        return client.get("extra", {})
