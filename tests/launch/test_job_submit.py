@@ -1,4 +1,4 @@
-"""Cluster path: a real Ray head on 127.0.0.1, the smoke job submitted with `ray job submit`, as a user would."""
+"""Cluster path: a real Ray head on 127.0.0.1, the smoke job (async loop) submitted with `ray job submit`, as a user would."""
 import json
 import os
 import signal
@@ -51,7 +51,7 @@ def test_smoke_job_through_ray_job_submit(ray_head, tmp_path):
     p = subprocess.run([f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", ".",
                         "--runtime-env", "configs/runtime_env.yaml", "--",
                         sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml",
-                        f"run_dir={runs}", "run_name=job"],
+                        f"run_dir={runs}", "run_name=job", "train.async_rollouts=true"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "succeeded" in (p.stdout + p.stderr).lower()
