@@ -244,8 +244,8 @@ class Learner:
         torch = self.torch
 
         tag = f"step{self.version:08d}"
-        client = {"version": self.version, "rejected_batches": self.rejected_batches, "skipped_steps": self.skipped_steps,
-                  "extra": extra or {}}
+        client = {"graftrl": {"version": self.version, "rejected_batches": self.rejected_batches,  # one key: no clash with DS's
+                              "skipped_steps": self.skipped_steps, "extra": extra or {}}}
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client)
         path = os.path.join(ckpt_dir, tag)
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -279,7 +279,7 @@ class Learner:
         import numpy as np
         torch = self.torch
 
-        path, client = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        path, client_states = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir!r} (tag {tag!r})")
         tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
@@ -291,6 +291,7 @@ class Learner:
         random.setstate(rng["python"])
         if self.ref_ema > 0:
             self.ref.load_state_dict(torch.load(os.path.join(tag_dir, "ref_ema.pt")))
+        client = client_states["graftrl"]
         self.version = client["version"]
         self.rejected_batches, self.skipped_steps = client["rejected_batches"], client["skipped_steps"]
         return client.get("extra", {})
