@@ -1,0 +1,40 @@
+"""LearnerGroup with 2 data-parallel Ray ranks (gloo on CPU) makes the same update as one in-process learner."""
+import os
+
+import pytest
+import torch
+
+from tests.learner.conftest import learner_cfg, make_batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1])
+def test_two_ranks_equal_one(tiny_model_dir, tmp_path, zero_stage):
+    import ray
+    from safetensors.torch import load
+
+    from launch.cluster import actor_env_vars
+    from learner.group import LearnerGroup
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    try:
+        kw = dict(model_dir=tiny_model_dir, seed=0, micro_batch_size=2)
+        one = LearnerGroup(learner_cfg=learner_cfg(zero_stage=zero_stage), local=True, **kw)
+        two = LearnerGroup(learner_cfg=learner_cfg(zero_stage=zero_stage, world_size=2, num_cpus=1), env_vars=actor_env_vars(1), **kw)
+        for _ in range(2):
+            m1, m2 = one.train_step(make_batch()), two.train_step(make_batch())
+            assert m2["learner/loss"] == pytest.approx(m1["learner/loss"], rel=1e-5)
+            assert m2["learner/tokens"] == m1["learner/tokens"] == 8
+        w1, w2 = load(ray.get(one.async_weights())), load(ray.get(two.async_weights()))
+        assert all(torch.allclose(w1[k], w2[k], atol=5e-5, rtol=0) for k in w1)
+        assert two.version() == 2
+        ids = [1, 5, 3, 4, 2]
+        assert two.sequence_logprobs(ids) == pytest.approx(one.sequence_logprobs(ids), abs=1e-4)
+        # a bad batch is rejected by every rank, checkpoints are written by all ranks together
+        assert two.train_step(make_batch(behaviour=float("nan")))["learner/rejected_batches"] == 1
+        path = two.save_checkpoint(str(tmp_path / "ck"), extra={"step": 2}, keep=1)
+        assert os.path.isfile(os.path.join(path, "hf", "model.safetensors"))
+        assert two.load_checkpoint(str(tmp_path / "ck")) == {"step": 2} and two.version() == 2
+        two.shutdown()
+    finally:
+        ray.shutdown()
