@@ -164,6 +164,9 @@ class RolloutGroup:
             ray.wait(list(self._syncing.values()), num_returns=1, timeout=600)
 
     # ----- misc ------------------------------------------------------------------------------------------------------
+    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
+        self._get([a.set_task.remote(task_cfg, model_dir) for a in self.actors])
+
     def sequence_logprobs(self, token_ids: list[int], actor: int = 0) -> list[float]:
         return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
 

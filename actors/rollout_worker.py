@@ -209,6 +209,10 @@ class RolloutWorker:
                                 SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)[0]
         return [pos[tok].logprob for tok, pos in zip(token_ids[1:], out.prompt_logprobs[1:])]
 
+    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
+        """Score with another task from now on (benchmarks reuse one engine across horizons)."""
+        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
+
     def get_version(self) -> int:
         return self.version
 

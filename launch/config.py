@@ -202,6 +202,8 @@ class TrainConfig:
     """Checkpoint (learner, store, data position) every this many steps under runs/<id>/checkpoints; 0: only on Ctrl-C."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep (oldest deleted first)."""
+    stop_at_success: Optional[float] = None
+    """Stop early once the held-out success measured at an eval reaches this value (None: run all steps)."""
     eval_every: int = 10
     """Measure held-out success every this many steps (0: only before and after training)."""
     seed: int = 0

@@ -236,7 +236,7 @@ def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resum
         pending = pool.submit(generate, comp, cfg, rng, first_step) if first_step < tc.steps else None
         for step in (bar := tqdm(range(first_step, tc.steps), desc="train", unit="step", disable=None,
                                  initial=first_step, total=tc.steps)):
-            t0 = time.time()
+            t0, reached = time.time(), False
             rollouts, branch_points, errors, t_gen = pending.result()
             c.request_errors += len(errors)
             if tc.async_rollouts and step + 1 < tc.steps:
@@ -249,6 +249,7 @@ def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resum
                 metrics["eval/heldout_success"], tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
                 c.eval_tokens += tok
                 c.evals.append((c.generated_tokens, metrics["eval/heldout_success"]))
+                reached = tc.stop_at_success is not None and metrics["eval/heldout_success"] >= tc.stop_at_success
             if cfg.store.snapshot_every and (step + 1) % cfg.store.snapshot_every == 0:
                 comp.store.snapshot(os.path.join(run_dir, "store"))
             run.log(metrics, step=step + 1)
@@ -257,6 +258,9 @@ def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resum
                             prefix=f"{metrics['tree/prefix_share']:.2f}")
             if STOP.is_set() or (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0):
                 save_checkpoint(comp, cfg, run_dir, c, rng, step + 1, run.id)
+            if reached:
+                log(f"[graftrl] held-out success reached train.stop_at_success={tc.stop_at_success} at step {step + 1}")
+                break
             if STOP.is_set():
                 log(f"[graftrl] interrupted: checkpoint of step {step + 1} written; resume with "
                     f"python -m launch.train resume={run_dir}")

@@ -14,16 +14,18 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+SECRET = "graftrl-test-secret-7f3a9c"
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, WANDB_API_KEY=SECRET, HF_TOKEN=SECRET, HUGGING_FACE_HUB_TOKEN=SECRET)
     p = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml", f"run_dir={runs}",
-                        "run_name=smoke"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                        "run_name=smoke"], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
     with open(runs / "smoke" / "summary.json") as f:
-        return runs, json.load(f), p.stderr
+        return runs, json.load(f), p.stdout + p.stderr
 
 
 def test_summary_records_a_real_run(smoke_run):
@@ -66,3 +68,11 @@ def test_pushed_weights_differ_from_the_base_model(smoke_run):
         logp = torch.log_softmax(base(torch.tensor([ids])).logits[0, :-1], -1)
     base_lp = logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
     assert max(abs(a - b) for a, b in zip(s["weight_sync_check"]["engine"], base_lp)) > 1e-5
+
+
+def test_no_secret_reaches_logs_config_or_wandb(smoke_run):
+    runs, _, output = smoke_run
+    assert SECRET not in output
+    for path in runs.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"secret found in {path}"

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-STEPS, PROMPTS, SAMPLES = 6, 8, 2
+STEPS, PROMPTS, SAMPLES = 150, 4, 2  # many short steps: Ctrl-C lands mid-run
 
 
 def descendants(pid: int) -> set[int]:

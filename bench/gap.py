@@ -1,0 +1,197 @@
+"""The exponential-gap benchmark: root-start vs prefix access on the chain task, across horizons.
+
+    .venv/bin/python -m bench.gap --quick      # H in {4, 8}, one seed, three modes; prints one JSON object
+    .venv/bin/python -m bench.gap              # H in {4, 6, 8, 10, 12}, three seeds, plus every scorer/action at H=8
+
+For every horizon H a base model is built at the same target q. Each run
+trains the full system (vLLM rollout actor, prefix-store shard, DeepSpeed
+learner) with identical budgets and seeds in one of three modes:
+  root_start          every rollout from the prompt (group baseline)
+  prefix_uncertainty  half the requests re-enter stored prefixes, outcome-uncertainty scorer
+  prefix_random       half the requests re-enter random stored positions (control)
+Held-out root-start success is measured every `--eval-every` steps; the
+result of a run is the number of generated training tokens (and sampled
+continuations) when it first reaches 0.5 and 0.9, or null.
+
+One engine serves every run: between runs it is given the next base
+model's weights and task (same architecture for every H), so a run costs
+a learner start (seconds), not an engine start (a minute).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+MODES = {
+    "root_start": ["store.branch_fraction=0.0"],
+    "prefix_uncertainty": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty"],
+    "prefix_random": ["store.branch_fraction=0.5", "store.scorer=random"],
+}
+VARIANTS_H8 = {  # every scorer with the resample action, and the force action with the default scorer
+    **{f"scorer={s}": ["store.branch_fraction=0.5", f"store.scorer={s}"]
+       for s in ("surprise", "entropy", "one_minus_max_prob", "step_confidence", "confidence_variance",
+                 "outcome_uncertainty", "random")},
+    "action=force": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty", "store.branch_action=force"],
+}
+
+
+def first_reaching(evals: list, threshold: float):
+    """Generated tokens at the first evaluation whose held-out success is >= threshold (None if never)."""
+    return next((tok for tok, s in evals if s >= threshold), None)
+
+
+def run_one(rollout, model_dir: str, base_ref, cfg, run_dir: str, log) -> dict:
+    import ray
+
+    from launch.cluster import actor_env_vars
+    from launch.train import Components, loop, model_vocab_size
+    from learner.group import LearnerGroup
+    from prefix_store.store import PrefixStore
+    from actors.tasks import make_task
+
+    t0 = time.time()
+    rollout.set_task(cfg.task)
+    rollout.update_weights(base_ref, 0)
+    tc = cfg.train
+    learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
+                           micro_batch_size=tc.prompts_per_step * tc.samples_per_request,
+                           env_vars=actor_env_vars(cfg.rollout.kv_cache_gib))
+    store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=tc.seed)
+    comp = Components(task=make_task(cfg.task), rollout=rollout, store=store, learner=learner, model_dir=model_dir)
+    try:
+        s = loop(comp, cfg, run_dir, log, t0, resume=False)
+    finally:
+        learner.shutdown()
+        for shard in store.shards:
+            ray.kill(shard)
+    evals = s["evals"]
+    per_sample = s["generated_tokens"] / max(1, s["rollouts"])
+    tokens_05, tokens_09 = first_reaching(evals, 0.5), first_reaching(evals, 0.9)
+    return {"tokens_to_0.5": tokens_05, "tokens_to_0.9": tokens_09,
+            "samples_to_0.5": None if tokens_05 is None else round(tokens_05 / per_sample),
+            "samples_to_0.9": None if tokens_09 is None else round(tokens_09 / per_sample),
+            "final_success": evals[-1][1], "initial_success": evals[0][1], "generated_tokens": s["generated_tokens"],
+            "rollouts": s["rollouts"], "rollouts_from_prefix": s["rollouts_from_prefix"], "steps": s["steps"],
+            "wall_seconds": round(time.time() - t0, 1), "evals": evals}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="H in {4, 8}, one seed, no scorer variants")
+    ap.add_argument("--horizons", type=int, nargs="*")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="update budget per run (identical for every mode)")
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--no-variants", action="store_true", help="skip the scorer/action comparison at H=8")
+    ap.add_argument("--out", default="runs/bench_gap")
+    args = ap.parse_args(argv)
+    horizons = args.horizons or ([4, 8] if args.quick else [4, 6, 8, 10, 12])
+    seeds = args.seeds or (1 if args.quick else 3)
+    steps = args.steps or (60 if args.quick else 150)
+    variants = not (args.quick or args.no_variants)
+
+    import ray
+
+    from actors.group import RolloutGroup
+    from launch.base_model import ensure_base_model
+    from launch.cluster import actor_env_vars, connect
+    from launch.config import load_config
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    common = ["wandb.mode=disabled", f"train.steps={steps}", f"train.eval_every={args.eval_every}",
+              "train.stop_at_success=0.9", "task.heldout_size=64", "train.eval_samples=4", "store.snapshot_every=0"]
+    t_start = time.time()
+    models, reports = {}, {}
+    for h in horizons:  # base models first (cached), each at the same target q
+        cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}"])
+        models[h] = ensure_base_model(cfg.model, cfg.task, log=log)
+        with open(os.path.join(models[h], "graftrl_base.json")) as f:
+            reports[h] = json.load(f)
+    base_cfg = load_config("configs/default.yaml", common + [f"task.horizon={horizons[0]}"])
+    connect(base_cfg.ray)
+    rollout = RolloutGroup(model_dir=models[horizons[0]], rollout_cfg=base_cfg.rollout, task_cfg=base_cfg.task,
+                           seed=0, env_vars=actor_env_vars(base_cfg.rollout.kv_cache_gib))
+    base_refs = {}
+    for h, d in models.items():
+        with open(os.path.join(d, "model.safetensors"), "rb") as f:
+            base_refs[h] = ray.put(f.read())
+
+    plan = [(h, mode, seed, over) for h in horizons for mode, over in MODES.items() for seed in range(seeds)]
+    if variants and 8 in horizons:
+        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items() for seed in range(seeds)]
+    results: dict = {"runs": []}
+    for i, (h, mode, seed, over) in enumerate(plan):
+        cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *over])
+        run_dir = os.path.join(args.out, f"h{h}_{mode}_s{seed}")
+        os.makedirs(run_dir, exist_ok=True)
+        log(f"[gap] run {i + 1}/{len(plan)}: H={h} {mode} seed={seed}")
+        r = run_one(rollout, models[h], base_refs[h], cfg, run_dir, log)
+        results["runs"].append({"H": h, "mode": mode, "seed": seed, **r})
+        log(f"[gap]   tokens_to_0.5={r['tokens_to_0.5']} tokens_to_0.9={r['tokens_to_0.9']} "
+            f"final={r['final_success']:.3f} ({r['wall_seconds']} s)")
+    rollout.shutdown()
+    ray.shutdown()
+
+    budget = steps * base_cfg.train.prompts_per_step * base_cfg.train.samples_per_request
+    results.update(horizons=horizons, seeds=seeds, steps_budget=steps, budget_samples=budget,
+                   base_models={h: {k: reports[h].get(k) for k in ("measured_q", "heldout_root_success", "target_q")}
+                                for h in horizons},
+                   seconds=round(time.time() - t_start, 1), quick=args.quick)
+    summary = {"H": {str(h): {m: median_or_none([r["tokens_to_0.5"] for r in results["runs"] if r["H"] == h and r["mode"] == m])
+                              for m in MODES} for h in horizons}}
+    summary["budget_tokens"] = max(r["generated_tokens"] for r in results["runs"])
+    results["summary"] = summary
+    from bench.common import stamp, write_result
+
+    results.update(stamp())
+    write_result("gap_quick" if args.quick else "gap", results)
+    plot(results, os.path.join("bench", "results", "gap_quick.png" if args.quick else "gap.png"))
+    print(json.dumps(summary))
+    return 0
+
+
+def median_or_none(xs):
+    """Median over seeds; a seed that never reached the threshold counts as infinitely late."""
+    xs = [float("inf") if x is None else x for x in xs]
+    m = statistics.median(xs) if xs else float("inf")
+    return None if m == float("inf") else m
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mode in MODES:
+        hs, med, lo, hi = [], [], [], []
+        for h in results["horizons"]:
+            xs = [r["tokens_to_0.5"] for r in results["runs"] if r["H"] == h and r["mode"] == mode]
+            reached = [x for x in xs if x is not None]
+            if reached:
+                hs.append(h)
+                med.append(statistics.median(reached))
+                lo.append(min(reached))
+                hi.append(max(reached))
+        if hs:
+            line, = ax.plot(hs, med, marker="o", label=mode)
+            ax.fill_between(hs, lo, hi, alpha=0.2, color=line.get_color())
+    ax.axhline(results["summary"]["budget_tokens"], ls="--", c="gray", lw=1, label="budget")
+    ax.set_yscale("log")
+    ax.set_xlabel("horizon H")
+    ax.set_ylabel("generated tokens to held-out success 0.5")
+    ax.set_title(f"{results['date']} {results['commit']}", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
