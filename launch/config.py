@@ -153,7 +153,7 @@ class LearnerConfig:
     """KL estimator in the loss: k1, k2 or k3."""
     advantage: str = "group"
     """Advantage: `group` (mean baseline over siblings sharing a start prefix), `group_norm` (also / std, GRPO),
-    `rloo` (leave-one-out mean) or `soft_value` (per token V(s+a) - V(s) from the store; needs the driver to pass values)."""
+    or `rloo` (leave-one-out mean). (`soft_value`, per token V(s+a) - V(s) from the store, is in learner.objectives, not yet wired.)"""
     kl_mode: str = "loss"
     """Where the KL term goes: `loss` (beta * k per token in the loss) or `reward` (r - beta * sum_t k, then the baseline; use k1)."""
     ref_ema: float = 0.0
@@ -247,7 +247,7 @@ _CHOICES = {
     "task.on_bad_line": ("skip", "reject"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "store.branch_action": ("resample", "force"),
-    "learner.advantage": ("group", "group_norm", "rloo", "soft_value"),
+    "learner.advantage": ("group", "group_norm", "rloo"),  # + "soft_value" once the driver passes the store's V
     "learner.kl_mode": ("loss", "reward"),
     "learner.dtype": ("float32", "bfloat16"),
     "learner.lr_schedule": ("constant", "linear", "cosine"),
