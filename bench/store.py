@@ -100,7 +100,7 @@ def bench_ray_shards(num_shards: int, batches) -> dict:
     from launch.config import StoreConfig
     from prefix_store.store import PrefixStore
 
-    cfg = OmegaConf.structured(StoreConfig(num_shards=num_shards, max_tokens=10**9))
+    cfg = OmegaConf.structured(StoreConfig(num_shards=num_shards, max_tokens=10**9, beta=0.1))
     store = PrefixStore(store_cfg=cfg, vocab_size=VOCAB, seed=0)
     new_tokens = sum(len(r.token_ids) for b in batches for r in b)
     t0 = time.perf_counter()

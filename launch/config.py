@@ -127,8 +127,9 @@ class StoreConfig:
     """A position is not handed out again once it was branched this many times."""
     max_tokens: int = 5_000_000
     """Memory bound per shard in stored tokens (~32 bytes each + node overhead); least recently used trees go first."""
-    beta: float = 0.1
-    """Temperature of the soft-value accumulator, V = beta * log mean exp(r / beta)."""
+    beta: Optional[float] = None
+    """Temperature of the soft-value accumulator, V = beta * log mean exp(r / beta); None: learner.kl_coef, the
+    beta of the KL-regularised objective (the soft values of that objective use the same beta)."""
     branch_action: str = "resample"
     """How a branch point is re-entered: `resample` the position, or `force` the best top-k alternative there."""
     step_delimiter: int = -1
@@ -153,7 +154,7 @@ class LearnerConfig:
     """KL estimator in the loss: k1, k2 or k3."""
     advantage: str = "group"
     """Advantage: `group` (mean baseline over siblings sharing a start prefix), `group_norm` (also / std, GRPO),
-    or `rloo` (leave-one-out mean). (`soft_value`, per token V(s+a) - V(s) from the store, is in learner.objectives, not yet wired.)"""
+    `rloo` (leave-one-out mean), or `soft_value` (per token V(s+a) - V(s), V from the prefix store's statistics)."""
     kl_mode: str = "loss"
     """Where the KL term goes: `loss` (beta * k per token in the loss) or `reward` (r - beta * sum_t k, then the baseline; use k1)."""
     ref_ema: float = 0.0
@@ -247,7 +248,7 @@ _CHOICES = {
     "task.on_bad_line": ("skip", "reject"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "store.branch_action": ("resample", "force"),
-    "learner.advantage": ("group", "group_norm", "rloo"),  # + "soft_value" once the driver passes the store's V
+    "learner.advantage": ("group", "group_norm", "rloo", "soft_value"),
     "learner.kl_mode": ("loss", "reward"),
     "learner.dtype": ("float32", "bfloat16"),
     "learner.lr_schedule": ("constant", "linear", "cosine"),
@@ -298,6 +299,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"invalid config: {msg}") from None
+    if cfg.store.beta is None:  # derived values: computed once, right after loading
+        cfg.store.beta = cfg.learner.kl_coef
     _validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]

@@ -129,7 +129,9 @@ def learn(comp: Components, cfg: Config, rollouts, c: Counters) -> tuple[dict, f
     version = comp.learner.version()
     fresh = [r for r in rollouts if version - r.policy_version <= cfg.train.max_policy_lag]
     c.stale_dropped += len(rollouts) - len(fresh)
-    metrics = comp.learner.train_step(build_train_batch(fresh, advantage=cfg.learner.advantage, nudge=cfg.learner.nudge))
+    values = comp.store.soft_values(fresh) if cfg.learner.advantage == "soft_value" else None
+    metrics = comp.learner.train_step(build_train_batch(fresh, advantage=cfg.learner.advantage, nudge=cfg.learner.nudge,
+                                                        values=values))
     t0 = time.time()
     comp.rollout.update_weights(comp.learner.async_weights(), int(metrics.get("learner/version", version + 1)))
     metrics["rollout/policy_lag_mean"] = _mean([version - r.policy_version for r in rollouts])

@@ -21,6 +21,8 @@ def shard_of(root_id: str, num_shards: int) -> int:
 
 class PrefixStore:
     def __init__(self, *, store_cfg, vocab_size: int, seed: int, remote: bool = True):
+        if store_cfg.beta is None:
+            raise ValueError("store.beta is unresolved; load the config with launch.config.load_config (it sets beta)")
         kwargs = dict(scorer=store_cfg.scorer, beta=store_cfg.beta, max_tokens=store_cfg.max_tokens,
                       max_branches_per_position=store_cfg.max_branches_per_position, vocab_size=vocab_size,
                       branch_action=store_cfg.branch_action, step_delimiter=store_cfg.step_delimiter,
@@ -55,6 +57,19 @@ class PrefixStore:
             by_shard[shard_of(bp.root_id, len(self.shards))].append(bp)
         claimed = [bp for part in self._call([(i, "claim", (bps,)) for i, bps in by_shard.items()]) for bp in part]
         return sorted(claimed, key=lambda bp: -bp.score)
+
+    def soft_values(self, rollouts: list[Rollout]) -> list[list[float]]:
+        """V(s_t) before each new token of each (inserted) rollout, from its shard's statistics."""
+        by_shard = defaultdict(list)
+        for k, r in enumerate(rollouts):
+            by_shard[shard_of(r.root_id, len(self.shards))].append(k)
+        out: list[list[float]] = [[] for _ in rollouts]
+        calls = [(i, "soft_values", ([(rollouts[k].root_id, rollouts[k].continuation, len(rollouts[k].prefix_ids))
+                                      for k in ks],)) for i, ks in by_shard.items()]
+        for (_, ks), vals in zip(by_shard.items(), self._call(calls)):
+            for k, v in zip(ks, vals):
+                out[k] = v
+        return out
 
     def release(self, handles: list[tuple[str, int]]) -> None:
         """Unpin branch points whose request was not served: (root_id, ref) pairs."""

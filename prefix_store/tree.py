@@ -451,6 +451,32 @@ class PrefixShard:
                 "soft_value": self.beta * (float(c["soft_lse"][node]) - math.log(visits)),
                 "version": int(c["version"][node]), "actor": int(c["actor"][node])}
 
+    def soft_values(self, items: list[tuple[str, list[int], int]]) -> list[list[float]]:
+        """For each (root_id, continuation, start): V(s_d) for d = start, ..., len(continuation) - 1.
+
+        s_d is the prefix of the first d continuation tokens and
+        V(s) = beta * log mean_{y through s} exp(r(y) / beta) over the stored
+        continuations through s (s_0 = the prompt: every continuation of the root).
+        """
+        c = self.nodes
+        out = []
+        for root_id, cont, start in items:
+            root = self.roots.get(root_id)
+            if root is None:
+                raise StoreInputError(f"unknown root {root_id!r}")
+            owners, node, i = [], root.node, 0
+            while i < len(cont):
+                child = self._child(node, cont[i])
+                if child < 0:
+                    raise StoreInputError(f"continuation under root {root_id!r} is not stored")
+                n = min(int(c["length"][child]), len(cont) - i)
+                owners += [child] * n
+                node, i = child, i + n
+            ids = np.asarray([root.node] + owners[:-1], dtype=np.int64)[start:]  # node holding s_d's statistics
+            v = self.beta * (c["soft_lse"][ids] - np.log(np.maximum(c["visits"][ids], 1)))
+            out.append(v.tolist())
+        return out
+
     def stats(self) -> dict[str, float]:
         return {"roots": len(self.roots), "tokens": self.live_tokens, "nodes": sum(len(r.nodes) for r in self.roots.values()),
                 "outstanding": len(self.outstanding)}

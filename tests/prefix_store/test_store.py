@@ -22,7 +22,7 @@ def rollouts(n_roots=12, seed=0):
 
 
 def store(num_shards, remote=False, scorer="entropy"):
-    cfg = OmegaConf.structured(StoreConfig(num_shards=num_shards, scorer=scorer))
+    cfg = OmegaConf.structured(StoreConfig(num_shards=num_shards, scorer=scorer, beta=0.1))
     return PrefixStore(store_cfg=cfg, vocab_size=16, seed=0, remote=remote)
 
 

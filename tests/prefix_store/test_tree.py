@@ -175,3 +175,17 @@ def test_compaction_keeps_content():
     assert s.live_tokens <= 50 and s.pool.n < 1024 + 2 * 50 + 3
     last = f"r{199}"
     assert s.trajectories(last) == [[4 + 199 % 3, 5, 6]]
+
+
+def test_soft_values_along_a_path():
+    beta = 0.5
+    s = shard(beta=beta)
+    s.insert([rollout("a", [3, 5, 8], 1.0), rollout("a", [3, 5, 9], 0.0), rollout("a", [4], 0.0)])
+    V = lambda rs: beta * math.log(sum(math.exp(r / beta) for r in rs) / len(rs))
+    (vals,) = s.soft_values([("a", [3, 5, 8], 0)])
+    # V(prompt) over all three; V([3]) and V([3,5]) over the two through them
+    assert vals == pytest.approx([V([1, 0, 0]), V([1, 0]), V([1, 0])])
+    (tail,) = s.soft_values([("a", [3, 5, 8], 2)])
+    assert tail == pytest.approx([V([1, 0])])
+    with pytest.raises(StoreInputError):
+        s.soft_values([("a", [6], 0)])
