@@ -1,10 +1,13 @@
 """Cluster path: a real Ray head on 127.0.0.1, the smoke job (async loop) submitted with `ray job submit`, as a user would."""
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -24,11 +27,13 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path):
     gcs, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it (107-byte limit)
+    # Ray 2.60 heads require token authentication; head and clients share a fresh token.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([f"{BIN}/ray", "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
                              f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={tmp_path}/ray"], env=env, start_new_session=True,
+                             f"--temp-dir={temp_dir}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -43,6 +48,7 @@ def ray_head(tmp_path):
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)  # the head and every process it started share the session
     head.wait(timeout=60)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_smoke_job_through_ray_job_submit(ray_head, tmp_path):
