@@ -20,6 +20,7 @@ import contextlib
 import copy
 import glob
 import os
+import socket
 import random
 import shutil
 
@@ -46,7 +47,11 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 class Learner:
     def __init__(self, *, model_dir: str, learner_cfg, seed: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, master_port: int = 29611, master_addr: str = "127.0.0.1"):
+                 rank: int = 0, world_size: int = 1, master_port: int | None = None, master_addr: str = "127.0.0.1"):
+        if master_port is None:  # a single rank: any free port (a fixed one collides with other runs on the machine)
+            with socket.socket() as s:
+                s.bind((master_addr, 0))
+                master_port = s.getsockname()[1]
         _dist_env(rank, world_size, master_port, master_addr)
         import deepspeed
         import torch
