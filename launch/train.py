@@ -163,6 +163,7 @@ def step_metrics(rollouts, branch_points, store_stats: dict, c: Counters) -> dic
         "tree/branch_score_mean": _mean([bp.score for bp in branch_points]),
         "tree/branch_uncertainty_mean": _mean([bp.entropy for bp in branch_points]),
         **{f"tree/{k}": v for k, v in store_stats.items()},
+        "tree/branch_factor": store_stats["edges"] / max(1, store_stats["branching_nodes"]),  # children per inner node
         "perf/generated_tokens": c.generated_tokens,
     }
 

@@ -478,8 +478,10 @@ class PrefixShard:
         return out
 
     def stats(self) -> dict[str, float]:
-        return {"roots": len(self.roots), "tokens": self.live_tokens, "nodes": sum(len(r.nodes) for r in self.roots.values()),
-                "outstanding": len(self.outstanding)}
+        nodes = sum(len(r.nodes) for r in self.roots.values())
+        parents = {k // self.vocab_size for k in self.children}  # nodes with at least one child (live trees only)
+        return {"roots": len(self.roots), "tokens": self.live_tokens, "nodes": nodes, "outstanding": len(self.outstanding),
+                "edges": len(self.children), "branching_nodes": len(parents)}
 
     def bytes_used(self) -> int:
         """Column bytes of live rows (pool and nodes); excludes Python dict/object overhead."""

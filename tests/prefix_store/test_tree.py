@@ -31,6 +31,8 @@ def test_shared_prefix_splits_edge_and_counts_outcomes():
     shared = s.node_stats("a", [3, 5])
     assert shared["visits"] == 2 and shared["reward_sum"] == 1.0
     assert s.node_stats("a", [3, 5, 8])["visits"] == 1
+    st = s.stats()  # root -> [3 5] -> {[8 2], [9 1]}: 3 edges out of 2 branching nodes
+    assert (st["edges"], st["branching_nodes"], st["tokens"]) == (3, 2, 6)
     # soft value V = beta * log mean exp(r/beta) over the two continuations
     assert shared["soft_value"] == pytest.approx(0.5 * math.log((math.exp(2.0) + 1.0) / 2))
 
