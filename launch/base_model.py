@@ -38,9 +38,16 @@ REPORT_FILE = "graftrl_base.json"
 REPORT_SAMPLES = 16  # samples per held-out prompt for measured_q / heldout_root_success
 
 
+def sft_steps(model_cfg, task_cfg) -> int:
+    from launch.config import default_sft_steps
+
+    return model_cfg.sft_steps or default_sft_steps(task_cfg.horizon)
+
+
 def model_key(model_cfg, task_cfg) -> str:
     fields = {k: getattr(model_cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "target_q",
                                                   "sft_steps", "sft_batch_size", "sft_lr")}
+    fields.update(sft_steps=sft_steps(model_cfg, task_cfg))
     fields.update(horizon=task_cfg.horizon, task=task_cfg.name, split_seed=task_cfg.seed, v=BUILDER_VERSION,
                   modulus=task_cfg.modulus, prompt_len=task_cfg.prompt_len or task_cfg.horizon)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -173,10 +180,10 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=model_cfg.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=model_cfg.sft_lr, total_steps=model_cfg.sft_steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=model_cfg.sft_lr, total_steps=sft_steps(model_cfg, task_cfg), pct_start=0.1)
     q, m, h = model_cfg.target_q, task.modulus, task.horizon
     t0 = time.time()
-    for _ in tqdm(range(model_cfg.sft_steps), desc="base model (SFT)", leave=False, disable=None):
+    for _ in tqdm(range(sft_steps(model_cfg, task_cfg)), desc="base model (SFT)", leave=False, disable=None):
         seqs, _, rights = noisy_demos(task, rng, model_cfg.sft_batch_size, q)
         ids = torch.tensor(seqs)  # (B, T): all demos have the same length
         logp = torch.log_softmax(model(ids).logits[:, -(h + 2) : -1], -1)  # (B, H+1, V): predictions of the answer tokens
@@ -191,7 +198,7 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
     tf_q, tf_all = correct_step_prob(model, task, heldout)
     report = {"horizon": h, "target_q": q, **sampled_success(model, task, heldout, REPORT_SAMPLES, seed=task_cfg.seed),
               "target_root_success": q ** h, "teacher_forced_q": tf_q, "teacher_forced_success": tf_all,
-              "modulus": m, "prompt_len": task.prompt_len, "sft_steps": model_cfg.sft_steps,
+              "modulus": m, "prompt_len": task.prompt_len, "sft_steps": sft_steps(model_cfg, task_cfg),
               "sft_seconds": round(sft_s, 1), "final_sft_loss": float(loss.detach()), "builder_version": BUILDER_VERSION}
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
