@@ -172,6 +172,11 @@ STOP = threading.Event()
 """Set by the first Ctrl-C: the loop checkpoints after the current step and stops cleanly."""
 
 
+def write_history(run_dir: str, history: list[dict]) -> None:
+    with open(os.path.join(run_dir, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
 def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rng: random.Random, step: int,
                     wandb_id: str) -> str:
     """Learner state (DeepSpeed + RNG + Hugging Face folder), the store's shards and the driver's position, together."""
@@ -180,8 +185,7 @@ def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rn
              "counters": {k: v for k, v in dataclasses.asdict(c).items() if k != "history"}}
     path = comp.learner.save_checkpoint(os.path.join(run_dir, "checkpoints"), extra=extra, keep=cfg.train.keep_checkpoints)
     comp.store.snapshot(os.path.join(path, "store"))
-    with open(os.path.join(run_dir, "history.json"), "w") as f:
-        json.dump(c.history, f)
+    write_history(run_dir, c.history)
     return path
 
 
@@ -290,8 +294,7 @@ def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resum
         run.log({"eval/heldout_success": success}, step=done)
         comp.store.snapshot(os.path.join(run_dir, "store"))
     summary.update(eval_tokens=c.eval_tokens, evals=c.evals, wall_seconds=round(time.time() - t_start, 1))
-    with open(os.path.join(run_dir, "history.json"), "w") as f:
-        json.dump(c.history, f)
+    write_history(run_dir, c.history)
     write_plots(run_dir, c.history, c.evals)
     run.summary.update({k: v for k, v in summary.items() if k not in ("config", "weight_sync_check", "evals")})
     run.finish()
