@@ -2,16 +2,46 @@
 
 `num_shards=0` keeps a single shard in-process (same API), for tests and debugging.
 Global top-k = merge of per-shard top-k by score, then each shard claims its winners.
+
+Dead shards (issue #9). The client keeps, per shard, the path of its last
+snapshot (its *base*) and a *replay log* of every state-changing call made
+since (insert, claim, release, in the order the shard ran them). When a call
+finds its shard dead (`RayActorError`: the process was killed, the node
+went away), the client starts a new actor, restores the base (or starts
+empty if there is none), replays the log and retries the call, so the new
+shard equals the one that died, down to the refs of handed-out branch points
+(so their continuations can still be inserted and released). Peeks are not
+logged: with the `random` scorer a revived shard draws from the generator
+state of its snapshot, not the dead shard's (as random, not the same draws).
+
+Why not Ray's `max_restarts`: a restarted actor comes back *empty* (its
+constructor runs again) under the same handle, so the client would have to
+notice each new incarnation and still restore and replay before any other
+call reaches it. Creating the replacement here keeps one path: detect,
+replace, replay, retry.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import weakref
 from collections import defaultdict
+from contextlib import ExitStack
 
 import ray
+from ray.exceptions import RayActorError
 
 from actors.messages import BranchPoint, Rollout
 from prefix_store.tree import PrefixShard
+
+REPLAYED = ("insert", "claim", "release")
+"""Shard methods that change its state; each is logged (after it ran) until the next snapshot."""
+REPLAY_LOG_SIZE = 100_000
+"""Default bound of one shard's replay log, in items (rollouts inserted + branch points claimed + released)."""
+REVIVE_ATTEMPTS = 3
 
 
 def shard_of(root_id: str, num_shards: int) -> int:
@@ -19,28 +49,132 @@ def shard_of(root_id: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(root_id.encode(), digest_size=8).digest(), "little") % num_shards
 
 
+class ShardActor(PrefixShard):
+    """A PrefixShard as a Ray actor; `pid` lets fault tests kill exactly this process."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
 class PrefixStore:
-    def __init__(self, *, store_cfg, vocab_size: int, seed: int, remote: bool = True):
+    def __init__(self, *, store_cfg, vocab_size: int, seed: int, remote: bool = True,
+                 replay_log_size: int = REPLAY_LOG_SIZE, recovery_dir: str | None = None):
+        """replay_log_size: per shard, the most items (rollouts, claimed and released branch points) kept for
+        replay since its last snapshot. One more and the client snapshots that shard to `recovery_dir`
+        (default: a temporary folder removed with the client) and empties its log, so nothing is ever dropped
+        from a log; the bound costs one extra snapshot per `replay_log_size` items when snapshots are rare."""
         if store_cfg.beta is None:
             raise ValueError("store.beta is unresolved; load the config with launch.config.load_config (it sets beta)")
-        kwargs = dict(scorer=store_cfg.scorer, beta=store_cfg.beta, max_tokens=store_cfg.max_tokens,
-                      max_branches_per_position=store_cfg.max_branches_per_position, vocab_size=vocab_size,
-                      branch_action=store_cfg.branch_action, step_delimiter=store_cfg.step_delimiter,
-                      scorer_weights=dict(store_cfg.scorer_weights))
+        if replay_log_size < 1:
+            raise ValueError(f"replay_log_size={replay_log_size} must be at least 1")
+        self._kwargs = dict(scorer=store_cfg.scorer, beta=store_cfg.beta, max_tokens=store_cfg.max_tokens,
+                            max_branches_per_position=store_cfg.max_branches_per_position, vocab_size=vocab_size,
+                            branch_action=store_cfg.branch_action, step_delimiter=store_cfg.step_delimiter,
+                            scorer_weights=dict(store_cfg.scorer_weights))
         self.remote = remote
+        self.seed = seed
         n = max(1, store_cfg.num_shards)
-        if remote:
-            cls = ray.remote(PrefixShard).options(num_cpus=0)
-            self.shards = [cls.remote(seed=seed + i, **kwargs) for i in range(n)]
-        else:
-            self.shards = [PrefixShard(seed=seed + i, **kwargs) for i in range(n)]
+        self.shards = [self._new_shard(i) for i in range(n)]
+        self.replay_log_size = replay_log_size
+        self._recovery_dir = recovery_dir
+        self._base: list[str | None] = [None] * n
+        self._log: list[list[tuple[str, tuple]]] = [[] for _ in range(n)]
+        self._log_items = [0] * n
+        self._locks = [threading.RLock() for _ in range(n)]  # one call at a time per shard: the log keeps its order
+        self.counters = {"shard_restarts": 0, "replayed_inserts": 0, "replayed_calls": 0, "recovery_snapshots": 0}
+        self._client_lock = threading.Lock()  # client-wide state; shards revive under their own locks, maybe at once
 
+    def _new_shard(self, i: int):
+        if not self.remote:
+            return ShardActor(seed=self.seed + i, **self._kwargs)
+        return ray.remote(ShardActor).options(num_cpus=0, max_restarts=0).remote(seed=self.seed + i, **self._kwargs)
+
+    # ---- calls, logging, revival ------------------------------------------------
     def _call(self, calls):
-        """calls: list of (shard index, method name, args); runs them (in parallel when remote)."""
-        if self.remote:
-            return ray.get([getattr(self.shards[i], m).remote(*a) for i, m, a in calls])
-        return [getattr(self.shards[i], m)(*a) for i, m, a in calls]
+        """calls: list of (shard index, method name, args); runs them (in parallel when remote).
 
+        A call whose shard died is retried on a revived shard; a call that raised
+        (e.g. a rejected insert) left its shard unchanged, so the others are
+        still logged before the first such error is raised.
+        """
+        if not self.remote:  # an in-process shard cannot die alone: nothing to log
+            return [getattr(self.shards[i], m)(*a) for i, m, a in calls]
+        with ExitStack() as held:
+            for i in sorted({i for i, _, _ in calls}):
+                held.enter_context(self._locks[i])
+            refs = [getattr(self.shards[i], m).remote(*a) for i, m, a in calls]
+            out, error = [], None
+            for (i, m, a), ref in zip(calls, refs):
+                try:
+                    out.append(self._get_or_revive(i, m, a, ref))
+                except RayActorError:
+                    raise
+                except Exception as e:  # the shard rejected this call; keep logging the calls that ran
+                    error = error or e
+                    out.append(None)
+                    continue
+                self._record(i, m, a)
+            if error is not None:
+                raise error
+            return out
+
+    def _get_or_revive(self, i: int, method: str, args: tuple, ref):
+        for attempt in range(REVIVE_ATTEMPTS + 1):
+            try:
+                return ray.get(ref)
+            except RayActorError:
+                if attempt == REVIVE_ATTEMPTS:
+                    raise
+                self._revive(i)
+                ref = getattr(self.shards[i], method).remote(*args)
+
+    def _revive(self, i: int) -> None:
+        """Replace dead shard i by a new actor holding its base snapshot plus its replayed log."""
+        ray.kill(self.shards[i], no_restart=True)  # it may be unreachable rather than dead: never run two
+        last = None
+        for _ in range(REVIVE_ATTEMPTS):
+            actor = self._new_shard(i)
+            refs = [actor.restore.remote(self._base[i])] if self._base[i] else []
+            refs += [getattr(actor, m).remote(*a) for m, a in self._log[i]]
+            try:
+                ray.get(refs)
+            except RayActorError as e:
+                last = e
+                continue
+            self.shards[i] = actor
+            self._count(shard_restarts=1, replayed_calls=len(self._log[i]),
+                        replayed_inserts=sum(len(a[0]) for m, a in self._log[i] if m == "insert"))
+            return
+        raise RuntimeError(f"prefix-store shard {i} died and {REVIVE_ATTEMPTS} replacements died while restoring "
+                           f"{self._base[i] or 'an empty shard'} and replaying {len(self._log[i])} calls; "
+                           f"check the Ray logs for why shard actors die") from last
+
+    def _record(self, i: int, method: str, args: tuple) -> None:
+        """After a call ran on shard i: a snapshot or restore becomes the new base; a change joins the log."""
+        if method in ("snapshot", "restore"):
+            self._base[i] = args[0]
+            self._log[i], self._log_items[i] = [], 0
+        elif method in REPLAYED:
+            self._log[i].append((method, args))
+            self._log_items[i] += len(args[0])
+            if self._log_items[i] > self.replay_log_size:
+                self._call([(i, "snapshot", (self._recovery_path(i),))])
+                self._count(recovery_snapshots=1)
+
+    def _count(self, **deltas: int) -> None:
+        with self._client_lock:
+            for k, v in deltas.items():
+                self.counters[k] += v
+
+    def _recovery_path(self, i: int) -> str:
+        with self._client_lock:  # two shards may overflow at once: one folder
+            if self._recovery_dir is None:
+                self._recovery_dir = tempfile.mkdtemp(prefix="graftrl-store-")
+                weakref.finalize(self, shutil.rmtree, self._recovery_dir, True)
+        os.makedirs(self._recovery_dir, exist_ok=True)
+        return os.path.join(self._recovery_dir, f"recovery.shard{i}.npz")
+
+    # ---- API ---------------------------------------------------------------------
     def insert(self, rollouts: list[Rollout]) -> int:
         by_shard = defaultdict(list)
         for r in rollouts:
@@ -78,15 +212,21 @@ class PrefixStore:
             by_shard[shard_of(root_id, len(self.shards))].append(ref)
         self._call([(i, "release", (refs,)) for i, refs in by_shard.items()])
 
+    def shard_stats(self) -> list[dict[str, float]]:
+        return self._call([(i, "stats", ()) for i in range(len(self.shards))])
+
     def stats(self) -> dict[str, float]:
+        """Sums over shards, plus the client's fault counters (shard_restarts, replayed_inserts, replayed_calls,
+        recovery_snapshots) and replay_log_items, the items now held for replay."""
         total: dict[str, float] = defaultdict(float)
-        for s in self._call([(i, "stats", ()) for i in range(len(self.shards))]):
+        for s in self.shard_stats():
             for k, v in s.items():
                 total[k] += v
-        return dict(total)
+        return {**total, **self.counters, "replay_log_items": sum(self._log_items)}
 
     def snapshot(self, path_prefix: str) -> None:
-        """One file per shard: <path_prefix>.shard<i>.npz."""
+        """One file per shard: <path_prefix>.shard<i>.npz. Each becomes its shard's base and empties its log,
+        so the files must stay in place until the next snapshot (checkpoint rotation keeps the newest)."""
         self._call([(i, "snapshot", (f"{path_prefix}.shard{i}.npz",)) for i in range(len(self.shards))])
 
     def restore(self, path_prefix: str) -> None:

@@ -155,6 +155,8 @@ class PrefixShard:
         self.clock = 0
         self.outstanding: dict[int, Claim] = {}
         self.next_ref = 0
+        self.evicted_trees = 0
+        self.evicted_tokens = 0
 
     # ---- nodes -----------------------------------------------------------------
     def _new_node(self, parent: int, off: int, length: int, start: int, root: int) -> int:
@@ -481,7 +483,8 @@ class PrefixShard:
         nodes = sum(len(r.nodes) for r in self.roots.values())
         parents = {k // self.vocab_size for k in self.children}  # nodes with at least one child (live trees only)
         return {"roots": len(self.roots), "tokens": self.live_tokens, "nodes": nodes, "outstanding": len(self.outstanding),
-                "edges": len(self.children), "branching_nodes": len(parents)}
+                "edges": len(self.children), "branching_nodes": len(parents), "evicted_trees": self.evicted_trees,
+                "evicted_tokens": self.evicted_tokens}
 
     def bytes_used(self) -> int:
         """Column bytes of live rows (pool and nodes); excludes Python dict/object overhead."""
@@ -509,10 +512,12 @@ class PrefixShard:
                 off = int(self.nodes["off"][node])
                 self.pool["branches"][off : off + n] = CLOSED
                 self.live_tokens -= n
+                self.evicted_tokens += n
                 parent = int(self.nodes["parent"][node])
                 if parent >= 0:
                     self.children.pop(parent * self.vocab_size + int(self.pool["tok"][off]), None)
             dropped += 1
+        self.evicted_trees += dropped
         if self.pool.n > 2 * self.live_tokens + 1024:
             self._compact()
         return dropped
@@ -544,6 +549,7 @@ class PrefixShard:
         new_root = {r.index: i for i, r in enumerate(self.roots.values())}
         arrays["node_root"] = np.asarray([new_root[int(r)] for r in c["root"][nodes]], dtype=np.int32)
         meta = {"clock": self.clock, "next_ref": self.next_ref, "live_tokens": self.live_tokens,
+                "evicted": [self.evicted_trees, self.evicted_tokens], "rng": self.rng.bit_generator.state,
                 "outstanding": {str(k): vars(v) for k, v in self.outstanding.items()},
                 "roots": [{"name": name, "node": new_id[r.node], "prompt": r.prompt_ids, "last_use": r.last_use,
                            "nodes": [new_id[n] for n in r.nodes]} for name, r in self.roots.items()]}
@@ -562,6 +568,9 @@ class PrefixShard:
         for k in NODE_COLUMNS:
             self.nodes[k][:n_node] = arrays[f"node_{k}"]
         self.clock, self.next_ref, self.live_tokens = meta["clock"], meta["next_ref"], meta["live_tokens"]
+        self.evicted_trees, self.evicted_tokens = meta.get("evicted", (0, 0))  # absent in older snapshots
+        if "rng" in meta:  # the random scorer continues its stream after a restore
+            self.rng.bit_generator.state = meta["rng"]
         self.outstanding = {int(k): Claim(**v) for k, v in meta["outstanding"].items()}
         self.roots, self.root_by_index = {}, {}
         for i, r in enumerate(meta["roots"]):

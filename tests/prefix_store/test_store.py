@@ -50,12 +50,12 @@ def test_remote_shards_snapshot_and_restore(tmp_path):
     try:
         s = store(2, remote=True)
         s.insert(rollouts())
-        before = s.stats()
+        before = s.shard_stats()
         s.snapshot(str(tmp_path / "store"))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["store.shard0.npz", "store.shard1.npz"]
         fresh = store(2, remote=True)
         fresh.restore(str(tmp_path / "store"))
-        assert fresh.stats() == before
+        assert fresh.shard_stats() == before
         assert [x.prefix_ids for x in fresh.select(4)] == [x.prefix_ids for x in s.select(4)]
     finally:
         ray.shutdown()
