@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -173,19 +174,35 @@ STOP = threading.Event()
 
 
 def write_history(run_dir: str, history: list[dict]) -> None:
-    with open(os.path.join(run_dir, "history.json"), "w") as f:
+    tmp = os.path.join(run_dir, "history.json.tmp")  # atomic: a kill mid-write leaves the previous file
+    with open(tmp, "w") as f:
         json.dump(history, f)
+    os.replace(tmp, os.path.join(run_dir, "history.json"))
+
+
+def write_pids(run_dir: str, comp: Components) -> None:
+    """runs/<id>/pids.json: the process ids of the driver, the learner ranks and the rollout actors (fault tests, ops)."""
+    pids = {"driver": os.getpid(), "learner": list(comp.learner.pids), "rollout": comp.rollout.pids()}
+    with open(os.path.join(run_dir, "pids.json"), "w") as f:
+        json.dump(pids, f)
 
 
 def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rng: random.Random, step: int,
                     wandb_id: str) -> str:
-    """Learner state (DeepSpeed + RNG + Hugging Face folder), the store's shards and the driver's position, together."""
+    """Learner state (DeepSpeed + RNG + Hugging Face folder), the store's shards and the driver's position, together.
+
+    `checkpoints/latest` moves to the new checkpoint only once all of it is written: a process killed
+    mid-checkpoint leaves the run resumable from the previous one."""
+    from learner.learner import commit_checkpoint
+
     version, internal, gauss = rng.getstate()
     extra = {"step": step, "rng": [version, list(internal), gauss], "wandb_id": wandb_id,
              "counters": {k: v for k, v in dataclasses.asdict(c).items() if k != "history"}}
-    path = comp.learner.save_checkpoint(os.path.join(run_dir, "checkpoints"), extra=extra, keep=cfg.train.keep_checkpoints)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    path = comp.learner.save_checkpoint(ckpt_root, extra=extra, keep=cfg.train.keep_checkpoints, commit=False)
     comp.store.snapshot(os.path.join(path, "store"))
     write_history(run_dir, c.history)
+    commit_checkpoint(ckpt_root, os.path.basename(path), keep=cfg.train.keep_checkpoints)
     return path
 
 
@@ -212,6 +229,7 @@ def train(cfg: Config, run_dir: str, log=print, resume: bool = False) -> dict:
     t_start = time.time()
     comp = start_components(cfg, log)
     try:
+        write_pids(run_dir, comp)
         return loop(comp, cfg, run_dir, log, t_start, resume)
     finally:
         comp.rollout.shutdown()
@@ -327,6 +345,33 @@ def parse_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
     return run_dir, rest
 
 
+def component_died(e: Exception) -> str | None:
+    """One line naming the process that died, when `e` says a learner rank or another actor of the run died."""
+    from ray.exceptions import RayActorError
+
+    from learner.group import LearnerDied
+
+    if isinstance(e, LearnerDied):
+        return str(e)
+    if isinstance(e, RayActorError):
+        text = str(e)
+        cls, pid = re.search(r"class_name: (\S+)", text), re.search(r"\bpid: (\d+)", text)
+        return (f"a Ray actor of the run died ({cls.group(1) if cls else 'unknown class'}, "
+                f"pid {pid.group(1) if pid else '?'}): {text.strip().splitlines()[0]}")
+    return None
+
+
+def resume_hint(run_dir: str) -> str:
+    """How to go on: resume from the last committed checkpoint, or start again when there is none."""
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.isfile(latest):
+        return "no checkpoint was written (set train.checkpoint_every); start the run again"
+    with open(latest) as f:
+        step = int(f.read().strip().removeprefix("step"))
+    return (f"continue from its last checkpoint (update {step}; later steps are redone) with: "
+            f"python -m launch.train resume={run_dir}")
+
+
 def on_sigint(signum, frame) -> None:
     """First Ctrl-C: finish the step, checkpoint, stop cleanly. Second: abort at once."""
     STOP.set()
@@ -359,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_sigint)
     try:
         summary = train(cfg, os.path.abspath(run_dir), log=log, resume=bool(resume_dir))
+    except Exception as e:
+        died = component_died(e)
+        if died is None:
+            log(f"[graftrl] run failed; partial outputs left in {run_dir} for inspection")
+            raise
+        print(f"error: {died}; every actor of the run was stopped; {resume_hint(run_dir)}", file=sys.stderr, flush=True)
+        return 1
     except BaseException:
         log(f"[graftrl] run failed; partial outputs left in {run_dir} for inspection")
         raise

@@ -9,6 +9,7 @@ port on its node, then all ranks build their DeepSpeed engine concurrently
 """
 from __future__ import annotations
 
+import os
 import socket
 
 from learner.batch import TrainBatch
@@ -28,10 +29,14 @@ class _Rank:
 
     def init(self, **kwargs) -> int:
         self.learner = Learner(**kwargs)
-        return self.learner.version
+        return os.getpid()
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.learner, method)(*args, **kwargs)
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank's process died (killed, out of memory, crashed); the group cannot go on without it."""
 
 
 class LearnerGroup:
@@ -43,6 +48,7 @@ class LearnerGroup:
         kwargs = dict(model_dir=model_dir, learner_cfg=learner_cfg, seed=seed, micro_batch_size=micro_batch_size)
         if local:
             self.local, self.actors = Learner(**kwargs), []
+            self.pids = [os.getpid()]
             return
         import ray
 
@@ -51,8 +57,9 @@ class LearnerGroup:
                                               runtime_env={"env_vars": env_vars or {}})
         self.actors = [actor_cls.remote() for _ in range(self.world_size)]
         addr, port = ray.get(self.actors[0].master.remote())
-        ray.get([a.init.remote(rank=r, world_size=self.world_size, master_addr=addr, master_port=port, **kwargs)
-                 for r, a in enumerate(self.actors)])
+        self.pids: list[int] = ray.get([a.init.remote(rank=r, world_size=self.world_size, master_addr=addr,
+                                                      master_port=port, **kwargs) for r, a in enumerate(self.actors)])
+        """Process id of each rank (rank r at index r)."""
 
     def _all(self, method: str, *args, **kwargs):
         """Run `method` on every rank (collectives need all); rank 0's result (an ObjectRef when remote)."""
@@ -66,8 +73,14 @@ class LearnerGroup:
             return self._all(method, *args, **kwargs)
         import ray
 
+        from ray.exceptions import RayActorError
+
         first, refs = self._all(method, *args, **kwargs)
-        ray.get(refs)
+        for r, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except RayActorError:  # no restart: the rank's DeepSpeed state is gone with its process
+                raise LearnerDied(f"learner rank {r} (pid {self.pids[r]}) died during {method}") from None
         return ray.get(first)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -89,9 +102,11 @@ class LearnerGroup:
                 return ray.put(data) if ray.is_initialized() else data
             except ImportError:
                 return data
-        if self.zero_stage < 3:  # no collective needed: rank 0 alone
-            return self.actors[0].call.remote("weights_bytes")
-        return self._all("weights_bytes")[0]
+        ref = self.actors[0].call.remote("weights_bytes") if self.zero_stage < 3 else self._all("weights_bytes")[0]
+        # Calls to an actor run in order: if the ranks still answer, the weights are out. Checked here so a rank that
+        # died mid-export raises LearnerDied, instead of the engines reading its death as their own (they would retry).
+        self._get("get_version")
+        return ref
 
     def version(self) -> int:
         return self.local.get_version() if self.local is not None else self._get("get_version")
@@ -103,9 +118,11 @@ class LearnerGroup:
             return ray.get(self.actors[0].call.remote("sequence_logprobs", token_ids))
         return self._get("sequence_logprobs", token_ids)
 
-    def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True) -> str:
-        """DeepSpeed state + RNG + `extra` (data position) + an hf/ folder under ckpt_dir/step<version>; keeps the newest `keep`."""
-        return self._get("save_checkpoint", ckpt_dir, extra=extra, keep=keep, hf=hf)
+    def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True,
+                        commit: bool = True) -> str:
+        """DeepSpeed state + RNG + `extra` (data position) + an hf/ folder under ckpt_dir/step<version>; keeps the
+        newest `keep`. commit=False: the caller adds files, then calls learner.learner.commit_checkpoint."""
+        return self._get("save_checkpoint", ckpt_dir, extra=extra, keep=keep, hf=hf, commit=commit)
 
     def load_checkpoint(self, ckpt_dir: str, tag: str | None = None) -> dict:
         """Restore every rank from ckpt_dir (tag None: latest); returns the `extra` saved with it."""

@@ -22,6 +22,7 @@ import glob
 import os
 import socket
 import random
+import re
 import shutil
 
 from learner.batch import TrainBatch, collate, token_logprobs
@@ -89,6 +90,7 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **sched_kw))
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=ds_config)
+        self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine._config)
         self.version = 0
         self.rejected_batches = 0
         self.skipped_steps = 0
@@ -241,29 +243,32 @@ class Learner:
         return self.version
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True) -> str:
+    def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True,
+                        commit: bool = True) -> str:
         """Save <ckpt_dir>/step<version>/: DeepSpeed state (optimizer, scheduler, step), per-rank RNG,
         the reference (if EMA), counters, `extra` (the driver's data position), and an `hf/` folder
-        that transformers and vLLM load. Keeps the newest `keep` checkpoints. Every rank must call it."""
-        import numpy as np
-        torch = self.torch
+        that transformers and vLLM load. Every rank must call it. Nothing is pickled but tensors and
+        containers (see `safe_load`); RNG and EMA reference are safetensors.
+
+        commit=True: point <ckpt_dir>/latest at it and keep the newest `keep` (commit_checkpoint);
+        commit=False leaves that to the caller, who adds its own files first (the driver: store shards),
+        so a process killed mid-write leaves `latest` on the previous complete checkpoint."""
+        from safetensors.torch import save_model
 
         tag = f"step{self.version:08d}"
         client = {"graftrl": {"version": self.version, "rejected_batches": self.rejected_batches,  # one key: no clash with DS's
                               "skipped_steps": self.skipped_steps, "extra": extra or {}}}
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client)
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)
         path = os.path.join(ckpt_dir, tag)
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   os.path.join(path, f"rng_rank{self.rank}.pt"))
+        save_rng(os.path.join(path, f"rng_rank{self.rank}.safetensors"))
         if self.rank == 0 and self.ref_ema > 0:
-            torch.save(self.ref.state_dict(), os.path.join(path, "ref_ema.pt"))
+            save_model(self.ref, os.path.join(path, "ref_ema.safetensors"))
         if hf:
             self.save_hf(os.path.join(path, "hf"))
         if self.world_size > 1:
-            torch.distributed.barrier()
-        if self.rank == 0:
-            for old in sorted(glob.glob(os.path.join(ckpt_dir, "step*")))[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            self.torch.distributed.barrier()
+        if self.rank == 0 and commit:
+            commit_checkpoint(ckpt_dir, tag, keep=keep)
         return path
 
     def save_hf(self, out_dir: str) -> None:
@@ -280,23 +285,122 @@ class Learner:
                 shutil.copy2(src, out_dir)
 
     def load_checkpoint(self, ckpt_dir: str, tag: str | None = None) -> dict:
-        """Restore a checkpoint written by save_checkpoint (tag None: the latest); returns its `extra`."""
-        import numpy as np
-        torch = self.torch
+        """Restore a checkpoint written by save_checkpoint (tag None: the committed latest); returns its `extra`.
 
+        Every file is loaded weights-only (`safe_load`) or as safetensors: a file holding any other
+        pickled object is refused with UnsafeCheckpoint before anything in it runs."""
+        from safetensors.torch import load_model
+
+        if tag is None:
+            tag = latest_tag(ckpt_dir)
+        tag_dir = os.path.join(ckpt_dir, tag)
+        rng_path = os.path.join(tag_dir, f"rng_rank{self.rank}.safetensors")
+        if not os.path.isfile(rng_path):
+            raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no rng_rank{self.rank}.safetensors); "
+                                  "resume from an earlier one or start the run again")
         path, client_states = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir!r} (tag {tag!r})")
-        tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
-        if not os.path.exists(os.path.join(tag_dir, f"rng_rank{self.rank}.pt")):
-            tag_dir = os.path.join(ckpt_dir, tag or open(os.path.join(ckpt_dir, "latest")).read().strip())
-        rng = torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+            raise CheckpointError(f"no DeepSpeed checkpoint under {ckpt_dir!r} (tag {tag!r})")
+        load_rng(rng_path)
         if self.ref_ema > 0:
-            self.ref.load_state_dict(torch.load(os.path.join(tag_dir, "ref_ema.pt")))
+            load_model(self.ref, os.path.join(tag_dir, "ref_ema.safetensors"))
         client = client_states["graftrl"]
         self.version = client["version"]
         self.rejected_batches, self.skipped_steps = client["rejected_batches"], client["skipped_steps"]
         return client.get("extra", {})
+
+
+# ---- checkpoint files (no pickle) ----------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored (incomplete, missing); the message names the folder."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint file holds a pickled object other than tensors and plain containers; it is not loaded."""
+
+
+def commit_checkpoint(ckpt_dir: str, tag: str, *, keep: int) -> None:
+    """Point <ckpt_dir>/latest at `tag` (atomic rename), then delete all but the newest `keep` checkpoints."""
+    tmp = os.path.join(ckpt_dir, "latest.tmp")
+    with open(tmp, "w") as f:
+        f.write(tag)
+    os.replace(tmp, os.path.join(ckpt_dir, "latest"))
+    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step*")))[:-keep] if keep > 0 else []:
+        if os.path.basename(old) != tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_tag(ckpt_dir: str) -> str:
+    """The committed checkpoint's tag (<ckpt_dir>/latest)."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"no committed checkpoint under {ckpt_dir!r} (no 'latest' file)") from None
+
+
+def save_rng(path: str) -> None:
+    """torch, numpy and Python RNG states as safetensors (tensors) plus JSON metadata (scalars)."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+               "python_state": torch.tensor(py_internal, dtype=torch.int64)}
+    meta = {"numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)], "python": [py_version, py_gauss]}
+    save_file(tensors, path, metadata={"graftrl_rng": json.dumps(meta)})
+
+
+def load_rng(path: str) -> None:
+    """Inverse of save_rng: sets the torch, numpy and Python RNG states of this process."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["graftrl_rng"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    torch.set_rng_state(t["torch"])
+    np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((np_name, t["numpy_keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    py_version, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(t["python_state"].tolist()), py_gauss))
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load, weights-only: tensors, plain containers and the three DeepSpeed classes its optimizer
+    state holds (loss scaler, ZeRO stage enum, fragment address; rebuilt from their fields, no code run).
+    A file with any other pickled object raises UnsafeCheckpoint naming the file and the object."""
+    import pickle
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found.group(1) if found else str(e).strip().splitlines()[0][:120]
+        raise UnsafeCheckpoint(f"{path}: refused to load: it holds a pickled {what}, not only tensors and plain "
+                               "containers; load only checkpoints written by graftrl") from None
+
+
+def _weights_only_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine with every load through `safe_load` (DeepSpeed itself loads
+    with weights_only=False, which runs whatever a pickled object asks for)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    return WeightsOnlyCheckpointEngine(config)
