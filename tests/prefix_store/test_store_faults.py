@@ -18,7 +18,7 @@ from launch.config import StoreConfig
 from prefix_store.store import PrefixStore, shard_of
 from tests.prefix_store.workload import VOCAB, from_branch_point, fresh
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]  # a hung revival fails instead of blocking the suite
 N_ROOTS, PROMPTS, SAMPLES, BRANCHES = 12, 4, 2, 3
 
 
