@@ -3,7 +3,8 @@
 One example per line: `{"prompt": "...", "answer": "..."}` (the answer may be
 a number; an optional `"id"` names the example). Blank lines are ignored.
 A malformed line (not JSON, not an object, missing or non-string `prompt`,
-missing `answer`) is reported with its line number; `on_bad_line="skip"`
+missing `answer`, a non-finite number as answer, an `id` that is not a string or integer, text that is not
+valid UTF-8) is reported with its line number; `on_bad_line="skip"`
 drops it with a warning, `"reject"` raises `DataError` listing every bad line.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,16 @@ def parse_line(line: str) -> Example:
     answer = obj.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
         raise ValueError("missing field 'answer' (a string or a number)")
+    if isinstance(answer, float) and not math.isfinite(answer):  # json reads NaN, Infinity and 1e999 as floats
+        raise ValueError(f"field 'answer' is {answer}, not a finite number")
     ex_id = obj.get("id")
+    if ex_id is not None and (isinstance(ex_id, bool) or not isinstance(ex_id, (str, int)) or str(ex_id).strip() == ""):
+        raise ValueError("field 'id' must be a string or an integer when given")
+    for name, text in (("prompt", prompt), ("answer", str(answer)), ("id", str(ex_id or ""))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as \ud800
+            raise ValueError(f"field {name!r} is not valid UTF-8 (a lone surrogate escape)") from None
     return Example(id=str(ex_id) if ex_id is not None else example_id(prompt), prompt=prompt, answer=str(answer))
 
 

@@ -29,6 +29,7 @@ Verifier = Callable[[str, str], float]
 
 _NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
 _GSM8K = re.compile(r"####\s*([^\n]*)")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -107,12 +108,14 @@ def get_verifier(spec: str) -> Verifier:
         raise VerifierNotFound(f"unknown verifier {spec!r}; choose one of {', '.join(VERIFIERS)} "
                                "or give an import path module:function")
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise VerifierNotFound(f"verifier import path {spec!r} must be of the form module:function")
-    try:
+    if not (_DOTTED.fullmatch(module_name) and _DOTTED.fullmatch(attr)):
+        raise VerifierNotFound(f"verifier import path {spec!r} must be of the form module:function "
+                               "(dotted Python names, e.g. my_project.rewards:judge; no relative imports)")
+    try:  # runs the module's top-level code (documented: use only modules you trust)
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise VerifierNotFound(f"verifier {spec!r}: cannot import module {module_name!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - an ImportError, or whatever the module's own code raised
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise VerifierNotFound(f"verifier {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {why})") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)

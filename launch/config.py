@@ -10,10 +10,13 @@ never the root config.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -203,7 +206,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Checkpoint (learner, store, data position) every this many steps under runs/<id>/checkpoints; 0: only on Ctrl-C."""
     keep_checkpoints: int = 2
-    """How many checkpoints to keep (oldest deleted first)."""
+    """How many checkpoints to keep (oldest deleted first); 0: keep all."""
     stop_at_success: Optional[float] = None
     """Stop early once the held-out success measured at an eval reaches this value (None: run all steps)."""
     eval_every: int = 10
@@ -257,6 +260,61 @@ _CHOICES = {
 }
 
 
+_AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field is Optional)
+    "task.horizon": 1, "task.modulus": 2, "task.prompt_len": 1, "task.heldout_size": 1, "task.num_examples": 1,
+    "task.max_new_tokens": 1, "model.hidden_size": 1, "model.num_layers": 1, "model.num_heads": 1, "model.sft_steps": 1,
+    "model.sft_batch_size": 1, "rollout.num_actors": 1, "rollout.num_cpus_per_actor": 0, "rollout.num_gpus_per_actor": 0,
+    "rollout.top_k_logprobs": 0, "rollout.kv_cache_gib": 1, "rollout.weight_bucket_mb": 1, "rollout.max_restarts": 0,
+    "rollout.request_retries": 0, "store.num_shards": 1, "store.max_branches_per_position": 1, "store.max_tokens": 1,
+    "store.snapshot_every": 0, "learner.kl_coef": 0, "learner.grad_accum_steps": 1, "learner.world_size": 1,
+    "learner.weight_decay": 0, "learner.warmup_steps": 0, "learner.decay_steps": 0, "learner.num_cpus": 0,
+    "learner.num_gpus": 0, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
+    "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
+    "train.eval_every": 0, "ray.num_cpus": 1,
+}
+_POSITIVE = ("model.sft_lr", "rollout.temperature", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
+_AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 1.0, "rollout.gpu_memory_utilization": 1.0,
+            "learner.min_lr_ratio": 1.0, "train.stop_at_success": 1.0}
+_RUN_NAME = re.compile(r"[A-Za-z0-9_=+,-][A-Za-z0-9_.=+,-]*")
+
+
+def _leaves(node, prefix: str = ""):
+    for key in node:
+        value = node[key]
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _validate_ranges(cfg: DictConfig) -> None:
+    """Every number finite and inside its range; the message names the field, the value and the range."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    for key, low in _AT_LEAST.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}")
+    for key in _POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be > 0")
+    for key, high in _AT_MOST.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0 <= value <= high:
+            raise ConfigError(f"{key}={value} must lie in [0, {high}]")
+    if cfg.model.target_q == 0:
+        raise ConfigError("model.target_q=0.0 must lie in (0, 1]: the base model's step accuracy")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} must be a multiple of model.num_heads={cfg.model.num_heads}")
+    t = cfg.task
+    if t.name == "chain":  # prompts beyond ~200k are drawn by rejection: the held-out set must be far from exhausted
+        length = t.prompt_len or t.horizon
+        if length * math.log10(t.modulus) < 9 and t.heldout_size > t.modulus ** length // 10:
+            raise ConfigError(f"task.heldout_size={t.heldout_size} is more than a tenth of the {t.modulus ** length} chain "
+                              f"prompts (modulus={t.modulus}, prompt_len={length}); lower it or raise task.prompt_len")
+
+
 def _validate(cfg: DictConfig) -> None:
     from prefix_store.scoring import SCORERS
 
@@ -265,6 +323,15 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+    _validate_ranges(cfg)
+    unknown = sorted(set(cfg.store.scorer_weights) - set(SCORERS))
+    if unknown:
+        raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers; use names of {', '.join(SCORERS)}")
+    if cfg.run_name is not None and not _RUN_NAME.fullmatch(cfg.run_name):
+        raise ConfigError(f"run_name={cfg.run_name!r} must be a folder name (letters, digits, _ . = + , -; not starting "
+                          "with a dot, no /)")
+    if not cfg.run_dir.strip():
+        raise ConfigError("run_dir='' is empty; give the folder that holds runs (default: runs)")
     if not 0.0 <= cfg.store.branch_fraction <= 1.0:
         raise ConfigError(f"store.branch_fraction={cfg.store.branch_fraction} must lie in [0, 1]")
     if not 0 <= cfg.learner.zero_stage <= 3:
@@ -282,24 +349,32 @@ def _validate(cfg: DictConfig) -> None:
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides; validated, then frozen."""
     cfg = OmegaConf.structured(Config)
+    source = f"config file {path!r}"  # what is being read, for the message
     try:
         if path is not None:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file {path!r} not found; see configs/ for the shipped ones (e.g. configs/default.yaml)")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         for item in overrides:
+            source = f"override {item!r}"
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=10)")
             key, value = item.split("=", 1)
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+                raise ConfigError(f"override {item!r}: {key!r} is not a config key (dotted names, e.g. train.steps=10)")
+            if key.startswith("store.scorer_weights.") and key.count(".") == 2:
+                pass  # a weight for any scorer may be added; _validate checks the name
+            elif OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
                 parent = key.rsplit(".", 1)[0] if "." in key else ""
                 node = OmegaConf.select(cfg, parent) if parent else cfg
                 valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ", ".join(sorted(cfg.keys()))
                 raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"invalid config: {msg}") from None
+        source = "interpolation"
+        OmegaConf.resolve(cfg)  # ${...} fails here, not later when a field is first read
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"invalid config ({source}): {msg}") from None
     if cfg.model.sft_steps is None:
         cfg.model.sft_steps = default_sft_steps(cfg.task.horizon)
     if cfg.store.beta is None:  # derived values: computed once, right after loading
