@@ -39,6 +39,8 @@ class Candidates:
     """ReBalance step confidence c_s of the step holding y_t (mean max-prob over the step)."""
     step_var: np.ndarray = None  # type: ignore[assignment]
     """ReBalance confidence variance v_s = (c_s - c_{s-1})^2 / 4."""
+    path_surprise: np.ndarray = None  # type: ignore[assignment]
+    """max over the earlier positions u < t of the same path of surprise_u = max_a log pi(a | y_<u) - log pi(y_u | y_<u)."""
 
 
 def entropy_from_topk(topk_logprobs: list[float]) -> float:
@@ -63,6 +65,19 @@ def score_entropy(c: Candidates, rng: np.random.Generator) -> np.ndarray:
 def score_surprise(c: Candidates, rng: np.random.Generator) -> np.ndarray:
     """score = max_a log pi(a | y_<t) - log pi(y_t | y_<t)  (0 when the top token was sampled)."""
     return c.top1_logprob - c.logprob
+
+
+def score_first_surprise(c: Candidates, rng: np.random.Generator) -> np.ndarray:
+    """score = surprise_t - max_{u<t} surprise_u  along the path (surprise as in score_surprise).
+
+    High only at the first token of a path that the model did not expect: the
+    end of the longest prefix it was sure of. On an outcome-reward chain where
+    the model prefers the right step while it is on track, that is the first
+    wrong turn, and branching there extends the proven prefix one step at a
+    time (the seed paper's prefix-access learner). Later surprises on the same
+    path score at most 0: they lie below a wrong turn, where nothing pays.
+    """
+    return (c.top1_logprob - c.logprob) - c.path_surprise
 
 
 def score_one_minus_max_prob(c: Candidates, rng: np.random.Generator) -> np.ndarray:
@@ -101,6 +116,7 @@ Scorer = Callable[[Candidates, np.random.Generator], np.ndarray]
 SCORERS: dict[str, Scorer] = {
     "entropy": score_entropy,
     "surprise": score_surprise,
+    "first_surprise": score_first_surprise,
     "one_minus_max_prob": score_one_minus_max_prob,
     "step_confidence": score_step_confidence,
     "confidence_variance": score_confidence_variance,

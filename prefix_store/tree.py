@@ -129,6 +129,43 @@ class PoolCandidates:
     visits = property(lambda self: self._c["visits"][self._p["stats_node"][: self._n]].astype(np.float32))
     reward_sum = property(lambda self: self._c["reward_sum"][self._p["stats_node"][: self._n]].astype(np.float32))
 
+    @property
+    def path_surprise(self) -> np.ndarray:
+        """(n,) max surprise of the earlier tokens on each row's path (0 at a path's first token).
+
+        The rows of one node are a contiguous pool range, so: a running maximum
+        inside each node's range (exclusive of the row itself), combined with
+        M[node] = max(M[parent], max over the parent's range), computed level by
+        level (as many passes as the trees are deep in nodes).
+        """
+        n, nodes = self._n, self._c
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        s = np.clip(self._col("top1") - self._col("logprob"), 0.0, 100.0).astype(np.float64)
+        owner = self._p["owner"][:n]
+        starts = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
+        flags = np.zeros(n, dtype=np.int64)
+        flags[starts] = 1
+        seg = np.cumsum(flags) - 1  # (n,) segment index of each row
+        key = seg * 256.0 + s  # segments ascend, so a running max never crosses a segment start
+        inclusive = np.maximum.accumulate(key) - seg * 256.0
+        exclusive = np.concatenate([[0.0], inclusive[:-1]])
+        exclusive[starts] = 0.0
+        n_nodes = nodes.n
+        edge_max = np.zeros(n_nodes)
+        edge_max[owner[starts]] = np.maximum.reduceat(s, starts)
+        parent = nodes["parent"][:n_nodes].astype(np.int64)
+        has_parent = parent >= 0
+        safe_parent = np.where(has_parent, parent, 0)
+        before = np.zeros(n_nodes)  # M: max surprise on the path above each node's range
+        for _ in range(n_nodes):
+            nxt = np.where(has_parent, np.maximum(before[safe_parent], edge_max[safe_parent]), 0.0)
+            if np.array_equal(nxt, before):
+                break
+            before = nxt
+        return np.maximum(before[owner], exclusive).astype(np.float32)
+
+
 
 class PrefixShard:
     """Radix trees for the roots assigned to this shard."""
