@@ -166,6 +166,22 @@ class PoolCandidates:
         return np.maximum(before[owner], exclusive).astype(np.float32)
 
 
+def top_m(scores: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest scores, by score then by index: ties go to the earlier row.
+
+    Unlike a bare argpartition, the result does not depend on dead rows between
+    live ones, so a shard rebuilt from a snapshot (compacted, same row order)
+    selects the same positions as the shard it replaces.
+    """
+    n = len(scores)
+    if m < n:
+        thr = np.partition(scores, n - m)[n - m]  # the m-th largest score
+        above = np.flatnonzero(scores > thr)
+        top = np.sort(np.concatenate([above, np.flatnonzero(scores == thr)[: m - len(above)]]))
+    else:
+        top = np.arange(n)
+    return top[np.argsort(-scores[top], kind="stable")]
+
 
 class PrefixShard:
     """Radix trees for the roots assigned to this shard."""
@@ -407,8 +423,7 @@ class PrefixShard:
         np.copyto(scores, -np.inf, where=~avail)
         # Sibling first tokens share a prefix: over-fetch, then keep one per prefix.
         m = min(n_avail, 4 * k)
-        top = np.argpartition(scores, len(scores) - m)[-m:] if m < len(scores) else np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = top_m(scores, m)
         out, seen = [], set()
         for t in top:
             t = int(t)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from actors.messages import Rollout
-from prefix_store.tree import PrefixShard, StoreInputError
+from prefix_store.tree import PrefixShard, StoreInputError, top_m
 
 V = 16
 
@@ -191,3 +191,17 @@ def test_soft_values_along_a_path():
     assert tail == pytest.approx([V([1, 0])])
     with pytest.raises(StoreInputError):
         s.soft_values([("a", [6], 0)])
+
+
+def test_top_m_equals_sorting_by_score_then_index_whatever_dead_rows_sit_between():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, m = int(rng.integers(1, 40)), int(rng.integers(1, 45))
+        scores = rng.integers(0, 4, n).astype(np.float32) / 4  # many ties
+        want = sorted(range(n), key=lambda i: (-scores[i], i))[:m]
+        assert top_m(scores, m).tolist() == want
+        dead = rng.random(n) < 0.3  # the same live rows with dead (-inf) rows between: the same live picks
+        padded = np.concatenate([np.where(dead, -np.inf, scores)[:, None], np.full((n, 1), -np.inf)], 1).ravel()
+        live = sorted((i for i in range(n) if not dead[i]), key=lambda i: (-scores[i], i))[:m]
+        if live:
+            assert (top_m(padded, len(live)) // 2).tolist() == live
