@@ -10,9 +10,12 @@ finds its shard dead (`RayActorError`: the process was killed, the node
 went away), the client starts a new actor, restores the base (or starts
 empty if there is none), replays the log and retries the call, so the new
 shard equals the one that died, down to the refs of handed-out branch points
-(so their continuations can still be inserted and released). Peeks are not
-logged: with the `random` scorer a revived shard draws from the generator
-state of its snapshot, not the dead shard's (as random, not the same draws).
+(so their continuations can still be inserted and released), and selects the
+same positions with per-position scorers. Peeks are not logged, and a
+restored shard's pool is compacted: the `random` scorer draws from the
+snapshot's generator state and the `combined` scorer standardises over every
+pool row, dead rows of evicted trees included, so those two may pick
+differently after a revival (as after any restore); no stored data differs.
 
 Why not Ray's `max_restarts`: a restarted actor comes back *empty* (its
 constructor runs again) under the same handle, so the client would have to
@@ -39,8 +42,9 @@ from prefix_store.tree import PrefixShard
 
 REPLAYED = ("insert", "claim", "release")
 """Shard methods that change its state; each is logged (after it ran) until the next snapshot."""
-REPLAY_LOG_SIZE = 100_000
-"""Default bound of one shard's replay log, in items (rollouts inserted + branch points claimed + released)."""
+REPLAY_LOG_TOKENS = 1_000_000
+"""Default bound of one shard's replay log: new tokens of logged rollouts, plus one per claimed or released branch
+point. A logged rollout costs the driver ~150 bytes per new token (its per-token lists), so ~150 MB per shard."""
 REVIVE_ATTEMPTS = 3
 
 
@@ -58,15 +62,15 @@ class ShardActor(PrefixShard):
 
 class PrefixStore:
     def __init__(self, *, store_cfg, vocab_size: int, seed: int, remote: bool = True,
-                 replay_log_size: int = REPLAY_LOG_SIZE, recovery_dir: str | None = None):
-        """replay_log_size: per shard, the most items (rollouts, claimed and released branch points) kept for
-        replay since its last snapshot. One more and the client snapshots that shard to `recovery_dir`
-        (default: a temporary folder removed with the client) and empties its log, so nothing is ever dropped
-        from a log; the bound costs one extra snapshot per `replay_log_size` items when snapshots are rare."""
+                 replay_log_tokens: int = REPLAY_LOG_TOKENS, recovery_dir: str | None = None):
+        """replay_log_tokens: bound of each shard's replay log (see REPLAY_LOG_TOKENS). Past it the client
+        snapshots that shard to `recovery_dir` (default: a temporary folder removed with the client) and empties
+        its log, so nothing is ever dropped from a log; the bound costs one extra snapshot per
+        `replay_log_tokens` when scheduled snapshots are rarer."""
         if store_cfg.beta is None:
             raise ValueError("store.beta is unresolved; load the config with launch.config.load_config (it sets beta)")
-        if replay_log_size < 1:
-            raise ValueError(f"replay_log_size={replay_log_size} must be at least 1")
+        if replay_log_tokens < 1:
+            raise ValueError(f"replay_log_tokens={replay_log_tokens} must be at least 1")
         self._kwargs = dict(scorer=store_cfg.scorer, beta=store_cfg.beta, max_tokens=store_cfg.max_tokens,
                             max_branches_per_position=store_cfg.max_branches_per_position, vocab_size=vocab_size,
                             branch_action=store_cfg.branch_action, step_delimiter=store_cfg.step_delimiter,
@@ -75,11 +79,11 @@ class PrefixStore:
         self.seed = seed
         n = max(1, store_cfg.num_shards)
         self.shards = [self._new_shard(i) for i in range(n)]
-        self.replay_log_size = replay_log_size
+        self.replay_log_tokens = replay_log_tokens
         self._recovery_dir = recovery_dir
         self._base: list[str | None] = [None] * n
         self._log: list[list[tuple[str, tuple]]] = [[] for _ in range(n)]
-        self._log_items = [0] * n
+        self._log_tokens = [0] * n
         self._locks = [threading.RLock() for _ in range(n)]  # one call at a time per shard: the log keeps its order
         self.counters = {"shard_restarts": 0, "replayed_inserts": 0, "replayed_calls": 0, "recovery_snapshots": 0}
         self._client_lock = threading.Lock()  # client-wide state; shards revive under their own locks, maybe at once
@@ -153,11 +157,11 @@ class PrefixStore:
         """After a call ran on shard i: a snapshot or restore becomes the new base; a change joins the log."""
         if method in ("snapshot", "restore"):
             self._base[i] = args[0]
-            self._log[i], self._log_items[i] = [], 0
+            self._log[i], self._log_tokens[i] = [], 0
         elif method in REPLAYED:
             self._log[i].append((method, args))
-            self._log_items[i] += len(args[0])
-            if self._log_items[i] > self.replay_log_size:
+            self._log_tokens[i] += sum(len(r.token_ids) for r in args[0]) if method == "insert" else len(args[0])
+            if self._log_tokens[i] > self.replay_log_tokens:
                 self._call([(i, "snapshot", (self._recovery_path(i),))])
                 self._count(recovery_snapshots=1)
 
@@ -217,12 +221,12 @@ class PrefixStore:
 
     def stats(self) -> dict[str, float]:
         """Sums over shards, plus the client's fault counters (shard_restarts, replayed_inserts, replayed_calls,
-        recovery_snapshots) and replay_log_items, the items now held for replay."""
+        recovery_snapshots) and replay_log_tokens, the size of the replay logs now (bounded per shard)."""
         total: dict[str, float] = defaultdict(float)
         for s in self.shard_stats():
             for k, v in s.items():
                 total[k] += v
-        return {**total, **self.counters, "replay_log_items": sum(self._log_items)}
+        return {**total, **self.counters, "replay_log_tokens": sum(self._log_tokens)}
 
     def snapshot(self, path_prefix: str) -> None:
         """One file per shard: <path_prefix>.shard<i>.npz. Each becomes its shard's base and empties its log,

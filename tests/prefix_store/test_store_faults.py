@@ -102,7 +102,7 @@ def test_killed_shard_is_snapshot_plus_replay_and_loses_nothing(ray_session, tmp
     for v in range(4):
         p.step(v)
     p.live.snapshot(str(tmp_path / "snap"))
-    assert p.live.stats()["replay_log_items"] == 0
+    assert p.live.stats()["replay_log_tokens"] == 0
     since = len(p.inserted)
     for v in range(4, 7):
         p.step(v)
@@ -138,10 +138,10 @@ def test_kill_without_any_snapshot_replays_from_empty_with_forced_branches(ray_s
 
 
 def test_full_replay_log_snapshots_the_shard_instead_of_dropping(ray_session, tmp_path):
-    p = Pair(replay_log_size=20, recovery_dir=str(tmp_path / "recovery"))
+    p = Pair(replay_log_tokens=40, recovery_dir=str(tmp_path / "recovery"))
     for v in range(6):
         p.step(v)
-        assert p.live.stats()["replay_log_items"] <= 2 * 20  # bound per shard
+        assert p.live.stats()["replay_log_tokens"] <= 2 * 40  # bound per shard
     assert p.live.stats()["recovery_snapshots"] > 0
     assert sorted(os.listdir(tmp_path / "recovery")) == ["recovery.shard0.npz", "recovery.shard1.npz"]
     kill_shard(p.live, 0)

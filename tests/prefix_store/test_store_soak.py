@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 from launch.config import StoreConfig
 from prefix_store.store import PrefixStore
 from tests.prefix_store.test_store_faults import kill_shard
-from tests.prefix_store.workload import VOCAB, from_branch_point, fresh, max_tree_tokens
+from tests.prefix_store.workload import LENGTH, VOCAB, from_branch_point, fresh, max_tree_tokens
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SOAK_S = float(os.environ.get("GRAFTRL_SOAK_S", "15"))
-CLIENTS, K, PROMPTS, SAMPLES, N_ROOTS, LOG = 4, 3, 3, 2, 400, 300
+CLIENTS, K, PROMPTS, SAMPLES, N_ROOTS, LOG = 4, 3, 3, 2, 400, 1000
 # Trees with handed-out branch points cannot be evicted: the bound must hold even if all of them sit on one shard.
 MAX_TOKENS = CLIENTS * K * max_tree_tokens() + 200
 
@@ -53,7 +53,7 @@ def test_soak_concurrent_clients_bound_counts_and_a_killed_shard(tmp_path):
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
     try:
         cfg = OmegaConf.structured(StoreConfig(num_shards=2, beta=0.5, max_tokens=MAX_TOKENS))
-        store = PrefixStore(store_cfg=cfg, vocab_size=VOCAB, seed=0, replay_log_size=LOG, recovery_dir=str(tmp_path))
+        store = PrefixStore(store_cfg=cfg, vocab_size=VOCAB, seed=0, replay_log_tokens=LOG, recovery_dir=str(tmp_path))
         stop = threading.Event()
         observations, killed = 0, False
         with ThreadPoolExecutor(CLIENTS) as pool:
@@ -63,7 +63,7 @@ def test_soak_concurrent_clients_bound_counts_and_a_killed_shard(tmp_path):
                 per_shard = store.shard_stats()
                 assert all(s["tokens"] <= MAX_TOKENS for s in per_shard), per_shard
                 assert sum(s["outstanding"] for s in per_shard) <= CLIENTS * K, per_shard
-                assert store.stats()["replay_log_items"] <= 2 * (LOG + (K + PROMPTS) * SAMPLES)
+                assert store.stats()["replay_log_tokens"] <= 2 * (LOG + (K + PROMPTS) * SAMPLES * LENGTH)
                 observations += 1
                 if not killed and time.time() - t0 > SOAK_S / 2:
                     kill_shard(store, 0)
