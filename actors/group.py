@@ -14,31 +14,62 @@ serve with its initial weights (`StaleWeights`) and is re-synced.
 Bad requests do not fail the call: they come back as `RequestError`s, kept
 in `self.errors` until `pop_errors()`.
 
-`local=True` runs one `RolloutWorker` in this process with the same API
+`rollout.engine` picks the worker class: `sync` (`RolloutWorker`, vLLM's `LLM`)
+or `async` (`AsyncRolloutWorker`, vLLM's `AsyncLLM`; Ray runs it as an async
+actor, so calls to one actor overlap). The group's API is the same for both.
+
+`local=True` runs one worker in this process with the same API
 (tests, debugging); it has no routing and no fault recovery.
 """
 from __future__ import annotations
+
+import asyncio
+import threading
 
 from actors.messages import Rollout, RolloutRequest
 from actors.routing import route
 from actors.rollout_worker import Generated, RequestError, RolloutWorker, StaleWeights
 
+ENGINES = ("sync", "async")
+
+
+def worker_class(engine: str):
+    """The rollout worker class of `rollout.engine`."""
+    if engine == "sync":
+        return RolloutWorker
+    if engine == "async":
+        from actors.async_rollout_worker import AsyncRolloutWorker
+
+        return AsyncRolloutWorker
+    raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}")
+
 
 class _Local:
-    """The in-process stand-in for a Ray actor handle: `handle.method.remote(...)` runs the call now."""
+    """The in-process stand-in for a Ray actor handle: `handle.method.remote(...)` runs the call now.
+
+    Coroutine methods (the async worker) run on one event loop in a background thread, as Ray's async actors do,
+    so the engine's output handler keeps running between calls."""
 
     class _Method:
-        def __init__(self, fn):
-            self.fn = fn
+        def __init__(self, fn, owner):
+            self.fn, self.owner = fn, owner
 
         def remote(self, *args, **kwargs):
-            return self.fn(*args, **kwargs)
+            out = self.fn(*args, **kwargs)
+            return self.owner._run(out) if asyncio.iscoroutine(out) else out
 
-    def __init__(self, worker: RolloutWorker):
+    def __init__(self, worker):
         self.worker = worker
+        self._loop = None
+
+    def _run(self, coro):
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, daemon=True, name="rollout-local-loop").start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __getattr__(self, name):
-        return self._Method(getattr(self.worker, name))
+        return self._Method(getattr(self.worker, name), self)
 
 
 class RolloutGroup:
@@ -46,13 +77,14 @@ class RolloutGroup:
                  local: bool = False):
         self.cfg = rollout_cfg
         self.local = local
+        worker_cls = worker_class(getattr(rollout_cfg, "engine", "sync"))
         if local:
-            self.actors = [_Local(RolloutWorker(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
-                                                actor_id=0, seed=seed))]
+            self.actors = [_Local(worker_cls(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
+                                             actor_id=0, seed=seed))]
         else:
             import ray
 
-            actor_cls = ray.remote(RolloutWorker).options(
+            actor_cls = ray.remote(worker_cls).options(
                 num_cpus=rollout_cfg.num_cpus_per_actor, num_gpus=rollout_cfg.num_gpus_per_actor,
                 max_restarts=getattr(rollout_cfg, "max_restarts", 3), max_task_retries=0,
                 runtime_env={"env_vars": {**(env_vars or {}), "VLLM_CPU_KVCACHE_SPACE": str(rollout_cfg.kv_cache_gib)}})
@@ -119,13 +151,14 @@ class RolloutGroup:
 
     # ----- weights -------------------------------------------------------------------------------------------------
     def update_weights(self, payload_ref, version: int) -> None:
-        """Every actor loads the same object-store copy of the weights (safetensors bytes); resets its prefix cache."""
+        """Every actor loads the same object-store copy of the weights (`PackedWeights` or safetensors bytes, or a
+        ref of either); resets its prefix cache."""
         self._latest, self._version = (payload_ref, version), version
         import ray
 
         if self.local:
-            self.actors[0].update_weights.remote(payload_ref if isinstance(payload_ref, bytes) else ray.get(payload_ref),
-                                                 version)
+            self.actors[0].update_weights.remote(ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef)
+                                                 else payload_ref, version)
             return
         from ray.exceptions import RayActorError
 
@@ -182,6 +215,8 @@ class RolloutGroup:
 
     def shutdown(self) -> None:
         if self.local:
+            if hasattr(self.actors[0].worker, "shutdown"):  # the async engine's processes do not go with the GC
+                self.actors[0].worker.shutdown()
             return
         import ray
 

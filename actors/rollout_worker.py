@@ -4,6 +4,11 @@ A plain class: `actors.group.RolloutGroup` makes it a Ray actor; tests may
 build it directly. It owns the engine, the task verifier (rewards are
 computed here, next to the samples) and its policy version. It does not
 know the prefix store or the learner.
+
+What does not depend on the engine's API (request checks, engine inputs, vLLM
+outputs -> `Rollout`s, counters, task) lives in `WorkerBase` and module
+functions, shared with `actors.async_rollout_worker.AsyncRolloutWorker`
+(vLLM's AsyncLLM, `rollout.engine=async`).
 """
 from __future__ import annotations
 
@@ -52,11 +57,81 @@ def _engine_dead(error: Exception) -> bool:
     return type(error).__name__ in ("EngineDeadError", "EngineGenerateError")
 
 
-class RolloutWorker:
-    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int, seed: int):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
-        from vllm import LLM
+def engine_kwargs(model_dir: str, rollout_cfg, seed: int) -> dict:
+    """Arguments of `vllm.LLM` / `AsyncEngineArgs` (the same engine settings for both variants)."""
+    return dict(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
+                gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True, seed=seed,
+                worker_extension_cls="actors.weight_receiver.WeightReceiver",
+                **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}))
 
+
+def check_request(req: RolloutRequest, *, vocab_size: int, max_len: int) -> None:
+    """Raise `RolloutRequestError` (one line) if the engine cannot serve `req`."""
+    ids = req.prompt_ids + req.prefix_ids
+    if req.n <= 0:
+        raise RolloutRequestError(f"request {req.request_id}: n={req.n} must be >= 1")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RolloutRequestError(f"request {req.request_id}: token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    if len(ids) + 1 > max_len:
+        raise RolloutRequestError(f"request {req.request_id}: prompt+prefix of {len(ids)} tokens leaves no room in the model context of {max_len}")
+
+
+def engine_inputs(req: RolloutRequest, *, temperature: float, top_k: int, max_new_tokens: int, max_len: int,
+                  **sampling):
+    """(TokensPrompt, SamplingParams) of one request: n samples after prompt + prefix, top-k logprobs, no text.
+
+    The task's token budget counts the stored prefix, so a deeper branch point gets fewer new tokens."""
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = req.prompt_ids + req.prefix_ids
+    budget = max(1, max_new_tokens - len(req.prefix_ids))
+    return (TokensPrompt(prompt_token_ids=ids),
+            SamplingParams(n=req.n, temperature=temperature, max_tokens=min(budget, max_len - len(ids)),
+                           logprobs=top_k, detokenize=False, **sampling))
+
+
+def to_rollouts(req: RolloutRequest, out, *, top_k: int, task, version: int, actor_id: int) -> list[Rollout]:
+    """One `Rollout` per completion of a finished vLLM `RequestOutput`, scored by the task's verifier."""
+    rollouts = []
+    for comp in out.outputs:
+        tokens = list(comp.token_ids)
+        lps, ents, top1s, alts, alt_lps = [], [], [], [], []
+        for tok, pos in zip(tokens, comp.logprobs):
+            lps.append(pos[tok].logprob)
+            # vLLM returns the top-k plus the sampled token; keep exactly the top-k.
+            topk = sorted(((lp.logprob, t) for t, lp in pos.items()), reverse=True)[:top_k]
+            ents.append(entropy_from_topk([lp for lp, _ in topk]))
+            top1s.append(topk[0][0])
+            alt = next(((lp, t) for lp, t in topk if t != tok), (-1e9, -1))
+            alts.append(alt[1])
+            alt_lps.append(alt[0])
+        rollouts.append(Rollout(
+            request_id=req.request_id, root_id=req.root_id, prompt_ids=req.prompt_ids,
+            prefix_ids=req.prefix_ids, token_ids=tokens, logprobs=lps, entropy=ents, top1_logprobs=top1s,
+            alt_token_ids=alts, alt_logprobs=alt_lps,
+            reward=task.reward(req.prompt_ids, req.prefix_ids + tokens),
+            policy_version=version, actor_id=actor_id, branch_ref=req.branch_ref,
+            forced=req.forced, cached_tokens=out.num_cached_tokens or 0))
+    return rollouts
+
+
+def sequence_inputs(token_ids: list[int]):
+    """(TokensPrompt, SamplingParams) that score a fixed sequence: the logprob of every token after the first."""
+    from vllm import SamplingParams, TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=token_ids), SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+
+
+def sequence_logprobs_of(token_ids: list[int], out) -> list[float]:
+    return [pos[tok].logprob for tok, pos in zip(token_ids[1:], out.prompt_logprobs[1:])]
+
+
+class WorkerBase:
+    """State and methods both engine variants share: config, actor id, policy version, task, cache counters."""
+
+    def _setup(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
         self.cfg = rollout_cfg
         self.actor_id = actor_id
         self.version = 0
@@ -65,22 +140,73 @@ class RolloutWorker:
         self.cached_tokens = 0
         """Of those, tokens whose KV came from the prefix cache (hits)."""
         self.task = make_task(task_cfg, tokenizer_dir=model_dir)
-        self.llm = LLM(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
-                       gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True,
-                       seed=seed, worker_extension_cls="actors.weight_receiver.WeightReceiver",
-                       **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}))
-        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
-        self.max_len = self.llm.llm_engine.model_config.max_model_len
 
     def _check(self, req: RolloutRequest) -> None:
-        ids = req.prompt_ids + req.prefix_ids
-        if req.n <= 0:
-            raise RolloutRequestError(f"request {req.request_id}: n={req.n} must be >= 1")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RolloutRequestError(f"request {req.request_id}: token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        if len(ids) + 1 > self.max_len:
-            raise RolloutRequestError(f"request {req.request_id}: prompt+prefix of {len(ids)} tokens leaves no room in the model context of {self.max_len}")
+        check_request(req, vocab_size=self.vocab_size, max_len=self.max_len)
+
+    def _split(self, requests: list[RolloutRequest], min_version: int) -> tuple[list[RolloutRequest], list[RequestError]]:
+        """Servable requests and one `RequestError` per bad one; `StaleWeights` if this engine is too old."""
+        if self.version < min_version:
+            raise StaleWeights(f"actor {self.actor_id} holds version {self.version} < {min_version}")
+        good, errors = [], []
+        for req in requests:
+            try:
+                self._check(req)
+                good.append(req)
+            except RolloutRequestError as e:
+                errors.append(self._error(req, str(e)))
+        return good, errors
+
+    def _error(self, req: RolloutRequest, message: str) -> RequestError:
+        return RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
+                            actor_id=self.actor_id, message=message)
+
+    def _inputs(self, req: RolloutRequest, temperature: float, **sampling):
+        return engine_inputs(req, temperature=temperature, top_k=self.cfg.top_k_logprobs,
+                             max_new_tokens=self.task.max_new_tokens, max_len=self.max_len, **sampling)
+
+    def _count(self, req: RolloutRequest, out) -> None:
+        self.prompt_tokens += len(req.prompt_ids) + len(req.prefix_ids)
+        self.cached_tokens += out.num_cached_tokens or 0
+
+    def _to_rollouts(self, requests: list[RolloutRequest], outputs: list) -> list[Rollout]:
+        return [r for req, out in zip(requests, outputs)
+                for r in to_rollouts(req, out, top_k=self.cfg.top_k_logprobs, task=self.task, version=self.version,
+                                     actor_id=self.actor_id)]
+
+    def _generated(self, rollouts: list[Rollout], errors: list[RequestError]) -> Generated:
+        return Generated(rollouts=rollouts, errors=errors, actor_id=self.actor_id, version=self.version,
+                         verifier_errors=self.task.pop_verifier_errors())
+
+    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
+        """Score with another task from now on (benchmarks reuse one engine across horizons)."""
+        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
+
+    def get_version(self) -> int:
+        return self.version
+
+    def cache_stats(self, reset: bool = False) -> dict:
+        """Prefix-cache queries and hits in tokens since the start (or the last reset)."""
+        stats = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens}
+        if reset:
+            self.prompt_tokens = self.cached_tokens = 0
+        return stats
+
+    def pid(self) -> int:
+        """OS process id of this actor (fault-injection tests kill it)."""
+        return os.getpid()
+
+
+class RolloutWorker(WorkerBase):
+    """`rollout.engine=sync`: `vllm.LLM`; one `generate` call at a time, its requests batched in one engine call."""
+
+    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int, seed: int):
+        self._setup(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg, actor_id=actor_id)
+        from vllm import LLM
+
+        self.llm = LLM(**engine_kwargs(model_dir, rollout_cfg, seed))
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.max_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None,
                  min_version: int = 0) -> Generated:
@@ -91,16 +217,7 @@ class RolloutWorker:
         `StaleWeights` when this engine's version is below `min_version` (a
         restarted actor that has not received the current weights yet).
         """
-        if self.version < min_version:
-            raise StaleWeights(f"actor {self.actor_id} holds version {self.version} < {min_version}")
-        good, errors = [], []
-        for req in requests:
-            try:
-                self._check(req)
-                good.append(req)
-            except RolloutRequestError as e:
-                errors.append(RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
-                                           actor_id=self.actor_id, message=str(e)))
+        good, errors = self._split(requests, min_version)
         temperature = self.cfg.temperature if temperature is None else temperature
         try:
             outputs = self._engine_generate(good, temperature)
@@ -115,73 +232,30 @@ class RolloutWorker:
                 except Exception as e:  # noqa: BLE001 - that request alone fails; report it, keep serving
                     if _engine_dead(e):
                         raise
-                    errors.append(RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
-                                               actor_id=self.actor_id, message=f"request {req.request_id}: {type(e).__name__}: {e}"))
+                    errors.append(self._error(req, f"request {req.request_id}: {type(e).__name__}: {e}"))
             good = served
-        rollouts = self._to_rollouts(good, outputs)
-        return Generated(rollouts=rollouts, errors=errors, actor_id=self.actor_id, version=self.version,
-                         verifier_errors=self.task.pop_verifier_errors())
+        return self._generated(self._to_rollouts(good, outputs), errors)
 
     def _engine_generate(self, requests: list[RolloutRequest], temperature: float) -> list:
-        from vllm import SamplingParams, TokensPrompt
-
         if not requests:
             return []
-        prompts, params = [], []
-        for req in requests:
-            ids = req.prompt_ids + req.prefix_ids
-            budget = max(1, self.task.max_new_tokens - len(req.prefix_ids))
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(n=req.n, temperature=temperature, max_tokens=min(budget, self.max_len - len(ids)),
-                                         logprobs=self.cfg.top_k_logprobs, detokenize=False))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        prompts, params = zip(*(self._inputs(req, temperature) for req in requests))
+        outputs = self.llm.generate(list(prompts), list(params), use_tqdm=False)
         for req, out in zip(requests, outputs):
-            self.prompt_tokens += len(req.prompt_ids) + len(req.prefix_ids)
-            self.cached_tokens += out.num_cached_tokens or 0
+            self._count(req, out)
         return outputs
 
-    def _to_rollouts(self, requests: list[RolloutRequest], outputs: list) -> list[Rollout]:
-        rollouts = []
-        for req, out in zip(requests, outputs):
-            for comp in out.outputs:
-                tokens = list(comp.token_ids)
-                lps, ents, top1s, alts, alt_lps = [], [], [], [], []
-                for tok, pos in zip(tokens, comp.logprobs):
-                    lps.append(pos[tok].logprob)
-                    # vLLM returns the top-k plus the sampled token; keep exactly the top-k.
-                    topk = sorted(((lp.logprob, t) for t, lp in pos.items()), reverse=True)[: self.cfg.top_k_logprobs]
-                    ents.append(entropy_from_topk([lp for lp, _ in topk]))
-                    top1s.append(topk[0][0])
-                    alt = next(((lp, t) for lp, t in topk if t != tok), (-1e9, -1))
-                    alts.append(alt[1])
-                    alt_lps.append(alt[0])
-                rollouts.append(Rollout(
-                    request_id=req.request_id, root_id=req.root_id, prompt_ids=req.prompt_ids,
-                    prefix_ids=req.prefix_ids, token_ids=tokens, logprobs=lps, entropy=ents, top1_logprobs=top1s,
-                    alt_token_ids=alts, alt_logprobs=alt_lps,
-                    reward=self.task.reward(req.prompt_ids, req.prefix_ids + tokens),
-                    policy_version=self.version, actor_id=self.actor_id, branch_ref=req.branch_ref,
-                    forced=req.forced, cached_tokens=out.num_cached_tokens or 0))
-        return rollouts
+    def update_weights(self, payload, version: int) -> int:
+        """Load new weights (safetensors format: a uint8 array or bytes), drop the now-stale KV prefix cache, adopt
+        the learner's version.
 
-    def update_weights(self, payload: bytes, version: int) -> int:
-        """Load new weights (safetensors bytes), drop the now-stale KV prefix cache, adopt the learner's version.
+        The engine workers are child processes on this node: the weights reach them as a file in /dev/shm that
+        they map (`staged_in_shm`), not through vLLM's RPC, which would pickle and copy them several times (5x
+        slower for 100M parameters). Falls back to the RPC when /dev/shm is missing or full."""
+        from actors.weight_transport import staged_in_shm
 
-        The engine workers are child processes on this node: the bytes go to them as a file in /dev/shm (one
-        copy; the workers map it) rather than through vLLM's RPC, which would pickle and copy them several
-        times (5x slower for 100M parameters). Falls back to the RPC when /dev/shm is missing or full."""
-        n = None
-        if os.path.isdir("/dev/shm"):
-            path = f"/dev/shm/graftrl-weights-{os.getpid()}-{version}.safetensors"
-            try:
-                with open(path, "wb") as f:
-                    f.write(payload)
-                n = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0]
-            except OSError:
-                n = None
-            finally:
-                if os.path.exists(path):
-                    os.unlink(path)
+        with staged_in_shm(payload, str(version)) as path:
+            n = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0] if path else None
         if n is None:
             n = self.llm.collective_rpc("load_weights_from_bytes", args=(bytes(payload),))[0]
         self.llm.reset_prefix_cache()
@@ -203,29 +277,8 @@ class RolloutWorker:
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""
-        from vllm import SamplingParams, TokensPrompt
-
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=token_ids)],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)[0]
-        return [pos[tok].logprob for tok, pos in zip(token_ids[1:], out.prompt_logprobs[1:])]
-
-    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
-        """Score with another task from now on (benchmarks reuse one engine across horizons)."""
-        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
-
-    def get_version(self) -> int:
-        return self.version
-
-    def cache_stats(self, reset: bool = False) -> dict:
-        """Prefix-cache queries and hits in tokens since the start (or the last reset)."""
-        stats = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens}
-        if reset:
-            self.prompt_tokens = self.cached_tokens = 0
-        return stats
-
-    def pid(self) -> int:
-        """OS process id of this actor (fault-injection tests kill it)."""
-        return os.getpid()
+        prompt, params = sequence_inputs(token_ids)
+        return sequence_logprobs_of(token_ids, self.llm.generate([prompt], params, use_tqdm=False)[0])
 
     def engine_rpc(self, method: str, *args):
         """Call a `WeightReceiver` method in every engine worker; the first worker's answer (benchmarks, debugging)."""

@@ -1,8 +1,9 @@
-"""vLLM worker extension that loads new policy weights sent as safetensors bytes.
+"""vLLM worker extension that loads new policy weights (safetensors format: a /dev/shm file, or bytes).
 
 vLLM instantiates this mixin inside each engine worker process
 (`LLM(worker_extension_cls="actors.weight_receiver.WeightReceiver")`) and the
-rollout actor calls it with `llm.collective_rpc("load_weights_from_bytes", ...)`.
+rollout actor calls it with `llm.collective_rpc("load_weights_from_file", ...)` (the actor staged the
+weights in /dev/shm) or, when /dev/shm is not usable, `"load_weights_from_bytes"`.
 The payload crosses vLLM's msgspec boundary, where raw tensors do not
 survive but `bytes` do, hence safetensors bytes (one serialisation on the
 learner, shared through the Ray object store).
@@ -22,12 +23,19 @@ class WeightReceiver:
         return len(state)
 
     def load_weights_from_file(self, path: str) -> int:
-        """Reload every tensor of a safetensors file on this node (memory-mapped: /dev/shm holds it in RAM)."""
-        from safetensors.torch import load_file
+        """Reload every tensor of a safetensors file on this node (in /dev/shm: RAM) from views of its mapping.
 
-        state = load_file(path)
-        self.model_runner.reload_weights(weights_iterator=iter(state.items()))
-        return len(state)
+        No copy before `reload_weights` copies into the parameters (`safetensors.torch.load_file` would copy every
+        tensor out of the mapping first: ~0.45 s of a 0.65 s reload for 100M parameters)."""
+        import mmap
+
+        from actors.weight_transport import safetensors_views
+
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: the views may not write the file
+        weights = safetensors_views(mapped)
+        self.model_runner.reload_weights(weights_iterator=iter(weights))
+        return len(weights)  # the mapping goes when the last view does
 
     def time_reload_from_file(self, path: str) -> float:
         """Floor of a weight update (bench/rollout.py): seconds of `reload_weights` alone, tensors already in memory."""

@@ -108,6 +108,9 @@ class RolloutConfig:
     affinity: bool = True
     """Route a branch request to the actor that last generated for its root (its prefix cache may hold the KV);
     False: every request goes to the least-loaded actor."""
+    engine: str = "sync"
+    """vLLM engine of each rollout actor: `sync` (`vllm.LLM`, one call at a time, its requests batched) or `async`
+    (`AsyncLLM`: calls and requests served concurrently, weight pushes wait for the calls in flight)."""
     weight_transport: str = "object_store"
     """How new weights reach the engines: `object_store` (safetensors bytes through Ray, CPU or GPU) or `nccl`
     (vLLM's weight-transfer engine from learner rank 0; GPU clusters only). See docs/ROLLOUT.md."""
@@ -250,6 +253,7 @@ class Config:
 _CHOICES = {
     "task.name": ("chain", "arithmetic", "jsonl"),
     "task.on_bad_line": ("skip", "reject"),
+    "rollout.engine": ("sync", "async"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
     "store.branch_action": ("resample", "force"),
     "learner.advantage": ("group", "group_norm", "rloo", "soft_value"),

@@ -90,3 +90,72 @@ def test_plan_wire_round_trip():
     wire = plan_to_wire(plan)
     assert all(isinstance(x, (int, list)) for b in wire for x in b)
     assert plan_from_wire(wire) == plan
+
+
+# ----- safetensors packing (object_store transport) -----
+
+def with_int_and_empty(state: dict) -> dict:
+    return {**state, "z.empty": torch.zeros(0, 3), "z.idx": torch.arange(7, dtype=torch.int32), "z.mask": torch.tensor([True, False])}
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_packed_weights_are_safetensors_and_views_read_them_back_exactly(seed):
+    from safetensors.torch import load
+
+    from actors.weight_transport import pack_weights, safetensors_views
+
+    state = with_int_and_empty(random_state(seed))
+    data = pack_weights(state).tobytes()
+    for got in (load(data), dict(safetensors_views(data))):  # the reference reader, and ours
+        assert set(got) == set(state)
+        for k, v in state.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_views_read_files_written_by_safetensors(seed):
+    from safetensors.torch import save
+
+    from actors.weight_transport import safetensors_views
+
+    state = with_int_and_empty(random_state(seed))
+    got = dict(safetensors_views(save(state)))
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items())
+
+
+def test_parts_view_the_tensors_and_views_view_the_buffer():
+    import numpy as np
+
+    from actors.weight_transport import pack_weights, safetensors_views
+
+    state = {"w": torch.randn(4, 3), "h": torch.randn(5).to(torch.bfloat16), "i": torch.arange(3)}
+    packed = pack_weights(state)
+    ptrs = {p.ctypes.data for p in packed.parts}
+    assert ptrs == {t.data_ptr() for t in state.values()}  # no copies on the learner side
+    conv = pack_weights(state, dtype=torch.float32)  # bf16 -> f32 needs a copy; integers keep their dtype
+    got = dict(safetensors_views(conv.tobytes()))
+    assert got["h"].dtype == torch.float32 and torch.equal(got["h"], state["h"].float()) and got["i"].dtype == torch.int64
+    buf = np.frombuffer(bytearray(packed.tobytes()), dtype=np.uint8)
+    views = dict(safetensors_views(buf))
+    base = buf.ctypes.data
+    assert all(base <= t.data_ptr() < base + buf.nbytes for t in views.values())  # views, no copies
+    buf[buf.size - 10:] = 0  # largest element first: i (int64), w (f32), then h (bf16): h's 5 values
+    assert views["h"].tolist() == [0.0] * 5 and torch.equal(views["w"], state["w"])
+
+
+def test_staged_in_shm_holds_the_payload_then_goes():
+    import os
+
+    from actors.weight_transport import pack_weights, staged_in_shm
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    packed = pack_weights(random_state(1))
+    for payload in (packed, packed.tobytes()):
+        with staged_in_shm(payload, "t") as path:
+            with open(path, "rb") as f:
+                assert f.read() == packed.tobytes()
+        assert not os.path.exists(path)
+    with pytest.raises(RuntimeError), staged_in_shm(b"abc", "t2") as path:
+        raise RuntimeError("load failed")
+    assert not os.path.exists(path)

@@ -1,0 +1,151 @@
+"""AsyncRolloutWorker: the rollout worker around vLLM's asynchronous engine (`AsyncLLM`), `rollout.engine=async`.
+
+Same interface and return types as `actors.rollout_worker.RolloutWorker` (request checks, engine inputs, output
+-> `Rollout` conversion, counters and task come from the shared `WorkerBase`), but every method that touches the
+engine is a coroutine, so Ray runs this class as an async actor: several `generate` calls (a training batch and
+an evaluation, say) are served at once, and within one call every request is its own engine request, scheduled
+together by vLLM's continuous batching. A request vLLM rejects fails alone (its coroutine raises; the others
+finish); no re-serving one by one as the synchronous worker must.
+
+Weight updates and generation exclude each other (`VersionGate`): an update waits for the calls in flight to
+finish and holds new ones back until the new weights are loaded, so every rollout of a call carries the version
+that generated all of its tokens, as with the synchronous engine.
+
+It does not know the prefix store, the learner or the driver's loop; `actors.group.RolloutGroup` creates it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+
+from actors.messages import RolloutRequest
+from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, sequence_inputs, sequence_logprobs_of)
+
+
+class VersionGate:
+    """Readers (generate calls) share the engine; a writer (weight update) waits for them and blocks new ones.
+
+    Writer preference: once an update is waiting, new generate calls wait behind it (no starvation of pushes)."""
+
+    def __init__(self):
+        self._cond = asyncio.Condition()
+        self._active = 0
+        self._updating = False
+
+    @contextlib.asynccontextmanager
+    async def generating(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._updating)
+            self._active += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def updating(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._updating)
+            self._updating = True
+            await self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._updating = False
+                self._cond.notify_all()
+
+
+class AsyncRolloutWorker(WorkerBase):
+    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int, seed: int):
+        self._setup(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg, actor_id=actor_id)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir, rollout_cfg, seed),
+                                                                disable_log_stats=True))
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+        self.max_len = self.engine.model_config.max_model_len
+        self.gate = VersionGate()
+        self._ids = itertools.count()  # vLLM request ids must be unique among the requests in flight
+
+    async def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None,
+                       min_version: int = 0) -> Generated:
+        """As `RolloutWorker.generate`: n continuations per request, scored; bad requests become `RequestError`s.
+
+        The requests run concurrently in the engine. Raises `StaleWeights` when this engine's version is below
+        `min_version`, and re-raises when the engine itself is dead (the group retries elsewhere)."""
+        async with self.gate.generating():
+            good, errors = self._split(requests, min_version)
+            temperature = self.cfg.temperature if temperature is None else temperature
+            results = await asyncio.gather(*(self._one(req, temperature) for req in good), return_exceptions=True)
+            served, outputs = [], []
+            for req, res in zip(good, results):
+                if isinstance(res, BaseException):
+                    if not isinstance(res, Exception) or self.engine.errored:
+                        raise res
+                    cause = res.__cause__ or res  # EngineGenerateError wraps what went wrong
+                    errors.append(self._error(req, f"request {req.request_id}: {type(cause).__name__}: {cause}"))
+                else:
+                    served.append(req)
+                    outputs.append(res)
+            return self._generated(self._to_rollouts(served, outputs), errors)
+
+    async def _one(self, req: RolloutRequest, temperature: float):
+        """The finished `RequestOutput` of one request (all n samples)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt, params = self._inputs(req, temperature, output_kind=RequestOutputKind.FINAL_ONLY)
+        final = await self._final(prompt, params)
+        self._count(req, final)
+        return final
+
+    async def _final(self, prompt, params):
+        final = None
+        async for out in self.engine.generate(prompt, params, request_id=f"a{self.actor_id}-{next(self._ids)}"):
+            final = out
+        return final
+
+    async def update_weights(self, payload, version: int) -> int:
+        """As `RolloutWorker.update_weights` (staged in /dev/shm, mapped by the workers), once the calls in flight
+        have finished; new calls wait until the weights are in and the prefix cache is reset."""
+        from actors.weight_transport import staged_in_shm
+
+        async with self.gate.updating():
+            with staged_in_shm(payload, str(version)) as path:
+                n = (await self.engine.collective_rpc("load_weights_from_file", args=(path,)))[0] if path else None
+            if n is None:
+                n = (await self.engine.collective_rpc("load_weights_from_bytes", args=(bytes(payload),)))[0]
+            await self.engine.reset_prefix_cache()
+            self.version = version
+            return n
+
+    async def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
+        """`nccl` transport (GPU): every engine worker joins the learner's NCCL group; their ranks."""
+        return await self.engine.collective_rpc("nccl_init", args=(master_address, master_port, rank_offset, world_size))
+
+    async def nccl_receive(self, plan, version: int) -> int:
+        """`nccl` transport: receive the buckets the learner broadcasts, reload, reset the prefix cache."""
+        from actors.weight_transport import plan_to_wire
+
+        async with self.gate.updating():
+            n = (await self.engine.collective_rpc("nccl_receive", args=(plan_to_wire(plan),)))[0]
+            await self.engine.reset_prefix_cache()
+            self.version = version
+            return n
+
+    async def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""
+        async with self.gate.generating():
+            prompt, params = sequence_inputs(token_ids)
+            return sequence_logprobs_of(token_ids, await self._final(prompt, params))
+
+    async def engine_rpc(self, method: str, *args):
+        """Call a `WeightReceiver` method in every engine worker; the first worker's answer (benchmarks, debugging)."""
+        return (await self.engine.collective_rpc(method, args=args))[0]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
