@@ -134,7 +134,7 @@ def learn(comp: Components, cfg: Config, rollouts, c: Counters) -> tuple[dict, f
     metrics = comp.learner.train_step(build_train_batch(fresh, advantage=cfg.learner.advantage, nudge=cfg.learner.nudge,
                                                         values=values))
     t0 = time.time()
-    comp.rollout.update_weights(comp.learner.async_weights(), int(metrics.get("learner/version", version + 1)))
+    comp.rollout.update_weights(comp.learner.async_weights(zero_copy=True), int(metrics.get("learner/version", version + 1)))
     metrics["rollout/policy_lag_mean"] = _mean([version - r.policy_version for r in rollouts])
     return metrics, time.time() - t0
 
@@ -218,7 +218,7 @@ def restore_checkpoint(comp: Components, run_dir: str, rng: random.Random) -> tu
     c.evals = [tuple(e) for e in c.evals]
     with open(os.path.join(run_dir, "history.json")) as f:
         c.history = [h for h in json.load(f) if h["step"] <= extra["step"]]
-    comp.rollout.update_weights(comp.learner.async_weights(), comp.learner.version())
+    comp.rollout.update_weights(comp.learner.async_weights(zero_copy=True), comp.learner.version())
     return c, extra["step"], extra["wandb_id"]
 
 

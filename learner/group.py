@@ -90,19 +90,23 @@ class LearnerGroup:
             batch = ray.put(batch)  # one copy in the object store, shared by all ranks
         return self._get("train_step", batch)
 
-    def async_weights(self):
+    def async_weights(self, *, zero_copy: bool = False):
         """Object ref of the current weights as safetensors bytes (serialised once, shared by all actors).
 
-        Local mode: the bytes themselves put in the Ray object store when Ray is up, else the bytes."""
+        zero_copy=True: the same format in pieces (`Learner.weights_packed`: header + numpy views of the tensors),
+        which Ray copies once into the object store and hands to every reader without a copy: what the driver
+        pushes to the rollout actors (bench/rollout.py measures both).
+        Local mode: the data itself put in the Ray object store when Ray is up, else the data."""
+        method = "weights_packed" if zero_copy else "weights_bytes"
         if self.local is not None:
-            data = self.local.weights_bytes()
+            data = getattr(self.local, method)()
             try:
                 import ray
 
                 return ray.put(data) if ray.is_initialized() else data
             except ImportError:
                 return data
-        ref = self.actors[0].call.remote("weights_bytes") if self.zero_stage < 3 else self._all("weights_bytes")[0]
+        ref = self.actors[0].call.remote(method) if self.zero_stage < 3 else self._all(method)[0]
         # Calls to an actor run in order: if the ranks still answer, the weights are out. Checked here so a rank that
         # died mid-export raises LearnerDied, instead of the engines reading its death as their own (they would retry).
         self._get("get_version")

@@ -231,6 +231,20 @@ class Learner:
         state = self.state_dict()
         return save(state) if self.rank == 0 else b""
 
+    def weights_packed(self):
+        """The same safetensors format as `weights_bytes`, as `PackedWeights`: header + uint8 views of the fp32
+        parameters (None off rank 0). Returned through Ray, the tensors are copied once, into the object store,
+        and readers get them without a copy; `weights_bytes` costs a clone, a serialiser and a copy per reader."""
+        from actors.weight_transport import pack_weights
+
+        with self._full_params():
+            if self.rank != 0:
+                return None
+            state = self.engine.module.state_dict()
+            if self.zero_stage == 3:  # the gathered parameters go at the end of the block; Ray serialises later
+                state = {k: v.detach().clone() for k, v in state.items()}
+            return pack_weights(state, dtype=self.torch.float32)
+
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 under the current policy (every rank must call it under ZeRO-3)."""
         torch = self.torch
