@@ -12,11 +12,14 @@ Llama (built once, cached under ~/.cache/graftrl/models/).
   Ray from the driver (engine + top-k post-processing + rewards + transfer)
   over tokens/s of the bare `llm.generate` on the same engine and the same
   requests (chain-task prompts), repetitions interleaved. Target >= 0.9.
-- weight_push_vs_floor_ratio: one push as the driver does it (safetensors
-  serialisation + ray.put + actor update_weights, which reloads and resets
-  the prefix cache) over the floor: serialisation + `reload_weights` of the
-  same tensors already in the engine worker's memory. Reported for both
-  models; the key holds the worse one. Target <= 2.
+- weight_push_vs_floor_ratio: one push as the driver does it (the learner's
+  `PackedWeights` into the object store, actor update_weights: staged in
+  /dev/shm, reloaded from views, prefix cache reset) over the floor:
+  serialisation to one buffer (the faster of `safetensors.torch.save` and
+  joining the packed pieces) + `reload_weights` of the same tensors already in
+  the engine worker's memory. Reported for both models; the key holds the
+  worse one. Target <= 2. The same push with `safetensors.save` bytes (the
+  earlier path) is measured alongside (`bytes_ratio`).
 - cache_hit_rate_affinity / _no_affinity: share of prompt+prefix tokens
   served from the prefix cache for branch requests that re-enter prefixes
   generated one step earlier, with affinity routing on and off (n=1 branch
@@ -78,29 +81,49 @@ def _state(model_dir: str, seed: int):
 
 
 def weight_push(actor, model_dir: str, reps: int) -> dict:
-    """Median push time through the actor vs median floor (serialise + reload of tensors already in the worker)."""
+    """Median push time through the actor vs the floor (serialise + reload of tensors already in the worker).
+
+    Per repetition (after one untimed push of each kind), in alternating order: the push as the driver does it
+    (the learner's `PackedWeights`, header + views of its tensors, go into the object store in one copy; the
+    actor's update_weights writes them as a safetensors file in /dev/shm, the engine worker reloads from views of
+    it, the prefix cache is reset); the same push with `safetensors.torch.save` bytes (the path before: a
+    serialiser in between, and Ray copies `bytes` for every reader); and the floor: the faster serialisation of
+    the two (`save`, or joining the packed pieces into one buffer) + `reload_weights` of the same tensors already
+    in the worker's memory."""
     import ray
     from safetensors.torch import save, save_file
 
-    pushes, floors, sers = [], [], []
+    from actors.weight_transport import pack_weights
+
+    def push(state, version, as_bytes):
+        t0 = time.perf_counter()
+        ref = ray.put(save(state) if as_bytes else pack_weights(state))  # the driver only passes the ref on
+        ray.get(actor.update_weights.remote(ref, version))
+        return time.perf_counter() - t0
+
+    state = _state(model_dir, 99)
+    push(state, 98, False), push(state, 99, True)  # first pushes: imports, first file, first mapping
+    t = {k: [] for k in ("push", "push_bytes", "floor", "join", "save", "reload")}
     for r in range(reps):
         state = _state(model_dir, r)
+        for as_bytes in ((False, True) if r % 2 == 0 else (True, False)):
+            t["push_bytes" if as_bytes else "push"].append(push(state, 100 + 2 * r + as_bytes, as_bytes))
         t0 = time.perf_counter()
-        ref = ray.put(save(state))  # what the learner does; the driver only passes the ref on
-        ray.get(actor.update_weights.remote(ref, 100 + r))
-        pushes.append(time.perf_counter() - t0)
-        del ref
+        pack_weights(state).tobytes()
+        t["join"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         save(state)
-        sers.append(time.perf_counter() - t0)
+        t["save"].append(time.perf_counter() - t0)
         with tempfile.NamedTemporaryFile(suffix=".safetensors", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
             save_file(state, f.name)
-            floors.append(sers[-1] + ray.get(actor.engine_rpc.remote("time_reload_from_file", f.name)))
-    params = sum(v.numel() for v in state.values())
-    push, floor = statistics.median(pushes), statistics.median(floors)
-    return {"params": params, "mbytes": round(sum(v.numel() * v.element_size() for v in state.values()) / 2**20, 1),
-            "push_s": round(push, 4), "floor_s": round(floor, 4), "serialise_s": round(statistics.median(sers), 4),
-            "ratio": round(push / floor, 3)}
+            t["reload"].append(ray.get(actor.engine_rpc.remote("time_reload_from_file", f.name)))
+        t["floor"].append(min(t["join"][-1], t["save"][-1]) + t["reload"][-1])
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {"params": sum(v.numel() for v in state.values()),
+            "mbytes": round(sum(v.numel() * v.element_size() for v in state.values()) / 2**20, 1),
+            **{f"{k}_s": round(v, 4) for k, v in med.items()},
+            "ratio": round(med["push"] / med["floor"], 3), "bytes_ratio": round(med["push_bytes"] / med["floor"], 3),
+            "runs_s": {k: [round(x, 3) for x in v] for k, v in t.items()}}
 
 
 def throughput(actor, task, requests: int, reps: int) -> dict:
