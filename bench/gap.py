@@ -9,6 +9,9 @@ learner) with identical budgets and seeds in one of three modes:
   root_start          every rollout from the prompt (group baseline)
   prefix_uncertainty  half the requests re-enter stored prefixes, outcome-uncertainty scorer
   prefix_random       half the requests re-enter random stored positions (control)
+  prefix_first_surprise  half re-enter at the first surprising token of a stored path (the first
+                      wrong turn when the model prefers the right step while on track) and force
+                      the model's top alternative there: "extend the proven prefix"
 Held-out root-start success is measured every `--eval-every` steps; the
 result of a run is the number of generated training tokens (and sampled
 continuations) when it first reaches 0.5 and 0.9, or null.
@@ -30,12 +33,16 @@ MODES = {
     "root_start": ["store.branch_fraction=0.0"],
     "prefix_uncertainty": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty"],
     "prefix_random": ["store.branch_fraction=0.5", "store.scorer=random"],
+    # branch at the first token the model did not expect and force its top alternative there
+    "prefix_first_surprise": ["store.branch_fraction=0.5", "store.scorer=first_surprise", "store.branch_action=force"],
 }
-VARIANTS_H8 = {  # every scorer with the resample action, and the force action with the default scorer
-    **{f"scorer={s}": ["store.branch_fraction=0.5", f"store.scorer={s}"]
-       for s in ("surprise", "entropy", "one_minus_max_prob", "step_confidence", "confidence_variance",
-                 "outcome_uncertainty", "random")},
-    "action=force": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty", "store.branch_action=force"],
+SCORERS_H8 = ("first_surprise", "surprise", "entropy", "one_minus_max_prob", "step_confidence", "confidence_variance",
+              "outcome_uncertainty", "random")
+VARIANTS_H8 = {  # every scorer with each branch action, and soft-value advantages with the default scorer
+    **{f"scorer={s}": ["store.branch_fraction=0.5", f"store.scorer={s}"] for s in SCORERS_H8},
+    **{f"scorer={s},force": ["store.branch_fraction=0.5", f"store.scorer={s}", "store.branch_action=force"]
+       for s in SCORERS_H8},
+    "soft_value": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty", "learner.advantage=soft_value"],
 }
 
 
@@ -85,11 +92,14 @@ def main(argv=None) -> int:
     ap.add_argument("--horizons", type=int, nargs="*")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="update budget per run (identical for every mode)")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--no-variants", action="store_true", help="skip the scorer/action comparison at H=8")
+    ap.add_argument("--variants-only", action="store_true", help="only the scorer/action comparison at H=8")
+    ap.add_argument("--modes", nargs="*", help="run only these modes/variants (names as in the results)")
+    ap.add_argument("--variant-seeds", type=int, default=None, help="seeds of each H=8 variant (default: --seeds)")
     ap.add_argument("--out", default="runs/bench_gap")
     args = ap.parse_args(argv)
-    horizons = args.horizons or ([4, 8] if args.quick else [4, 6, 8, 10, 12])
+    horizons = [8] if args.variants_only else args.horizons or ([4, 8] if args.quick else [4, 6, 8, 10, 12])
     seeds = args.seeds or (1 if args.quick else 3)
     steps = args.steps or (60 if args.quick else 150)
     variants = not (args.quick or args.no_variants)
@@ -120,9 +130,15 @@ def main(argv=None) -> int:
         with open(os.path.join(d, "model.safetensors"), "rb") as f:
             base_refs[h] = ray.put(f.read())
 
-    plan = [(h, mode, seed, over) for h in horizons for mode, over in MODES.items() for seed in range(seeds)]
-    if variants and 8 in horizons:
-        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items() for seed in range(seeds)]
+    plan = [] if args.variants_only else [(h, mode, seed, over) for h in horizons for mode, over in MODES.items()
+                                          for seed in range(seeds)]
+    if (variants or args.variants_only or args.modes) and 8 in horizons:
+        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items() for seed in range(args.variant_seeds or seeds)]
+    if args.modes:
+        unknown = set(args.modes) - set(MODES) - set(VARIANTS_H8)
+        if unknown:
+            ap.error(f"unknown modes {sorted(unknown)}; known: {', '.join([*MODES, *VARIANTS_H8])}")
+        plan = [x for x in plan if x[1] in args.modes]
     results: dict = {"runs": []}
     for i, (h, mode, seed, over) in enumerate(plan):
         cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *over])
@@ -141,15 +157,19 @@ def main(argv=None) -> int:
                    base_models={h: {k: reports[h].get(k) for k in ("measured_q", "heldout_root_success", "target_q")}
                                 for h in horizons},
                    seconds=round(time.time() - t_start, 1), quick=args.quick)
+    modes = sorted({r["mode"] for r in results["runs"]}, key=lambda m: (m not in MODES, m))
     summary = {"H": {str(h): {m: median_or_none([r["tokens_to_0.5"] for r in results["runs"] if r["H"] == h and r["mode"] == m])
-                              for m in MODES} for h in horizons}}
+                              for m in modes if any(r["H"] == h and r["mode"] == m for r in results["runs"])}
+                     for h in horizons}}
     summary["budget_tokens"] = max(r["generated_tokens"] for r in results["runs"])
     results["summary"] = summary
     from bench.common import stamp, write_result
 
     results.update(stamp())
-    write_result("gap_quick" if args.quick else "gap", results)
-    plot(results, os.path.join("bench", "results", "gap_quick.png" if args.quick else "gap.png"))
+    name = "gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap"
+    write_result(name, results)
+    if not args.variants_only:
+        plot(results, os.path.join("bench", "results", f"{name}.png"))
     print(json.dumps(summary))
     return 0
 
