@@ -5,7 +5,7 @@
 
 For every horizon H a base model is built at the same target q. Each run
 trains the full system (vLLM rollout actor, prefix-store shard, DeepSpeed
-learner) with identical budgets and seeds in one of three modes:
+learner) with identical budgets and seeds in one of these modes:
   root_start          every rollout from the prompt (group baseline)
   prefix_uncertainty  half the requests re-enter stored prefixes, outcome-uncertainty scorer
   prefix_random       half the requests re-enter random stored positions (control)
