@@ -45,6 +45,14 @@ class VersionGate:
                 self._active -= 1
                 self._cond.notify_all()
 
+    async def until(self, predicate, timeout: float) -> None:
+        """Wait (outside any generate slot) until `predicate()` holds after an update, or `timeout` seconds pass."""
+        try:
+            async with self._cond:
+                await asyncio.wait_for(self._cond.wait_for(predicate), timeout)
+        except TimeoutError:
+            pass
+
     @contextlib.asynccontextmanager
     async def updating(self):
         async with self._cond:
@@ -60,6 +68,11 @@ class VersionGate:
 
 
 class AsyncRolloutWorker(WorkerBase):
+    stale_grace_s: float = 5.0
+    """A call that needs a newer version than this engine holds waits this long for a push to land before it raises
+    `StaleWeights`: calls to an async actor may start out of submission order, so a generate sent right after a
+    push can begin while the push's payload is still being fetched (a sync actor runs them in order)."""
+
     def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int, seed: int):
         self._setup(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg, actor_id=actor_id)
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -77,7 +90,10 @@ class AsyncRolloutWorker(WorkerBase):
         """As `RolloutWorker.generate`: n continuations per request, scored; bad requests become `RequestError`s.
 
         The requests run concurrently in the engine. Raises `StaleWeights` when this engine's version is below
-        `min_version`, and re-raises when the engine itself is dead (the group retries elsewhere)."""
+        `min_version` (after `stale_grace_s`), and re-raises when the engine itself is dead (the group retries
+        elsewhere)."""
+        if self.version < min_version:
+            await self.gate.until(lambda: self.version >= min_version, self.stale_grace_s)
         async with self.gate.generating():
             good, errors = self._split(requests, min_version)
             temperature = self.cfg.temperature if temperature is None else temperature

@@ -96,8 +96,25 @@ def test_dead_engine_and_stale_weights_raise():
     w = make_async_worker(FakeAsyncLLM(dead_on=8))
     with pytest.raises(RuntimeError, match="died"):
         asyncio.run(w.generate([req(0), req(1, prompt=(1, 8))]))
+    w = make_async_worker()
+    w.stale_grace_s = 0.05
     with pytest.raises(StaleWeights):
-        asyncio.run(make_async_worker().generate([req(0)], min_version=4))
+        asyncio.run(w.generate([req(0)], min_version=4))
+
+
+def test_a_call_that_starts_before_the_push_it_needs_waits_for_it():
+    import numpy as np
+
+    async def scenario():
+        w = make_async_worker()
+        call = asyncio.create_task(w.generate([req(0)], min_version=4))  # started first (out of submission order)
+        await asyncio.sleep(0.01)
+        assert not call.done()
+        await w.update_weights(np.arange(8, dtype=np.uint8), 4)
+        return await call
+
+    out = asyncio.run(scenario())
+    assert out.version == 4 and {r.policy_version for r in out.rollouts} == {4}
 
 
 def test_weight_update_waits_for_the_calls_in_flight_and_holds_new_ones():
