@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="*", help="run only these modes/variants (names as in the results)")
     ap.add_argument("--variant-seeds", type=int, default=None, help="seeds of each H=8 variant (default: --seeds)")
     ap.add_argument("--out", default="runs/bench_gap")
+    ap.add_argument("--name", help="results file stem under bench/results (default: gap, gap_quick or gap_variants)")
     args = ap.parse_args(argv)
     horizons = [8] if args.variants_only else args.horizons or ([4, 8] if args.quick else [4, 6, 8, 10, 12])
     seeds = args.seeds or (1 if args.quick else 3)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     from bench.common import stamp, write_result
 
     results.update(stamp())
-    name = "gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap"
+    name = args.name or ("gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap")
     write_result(name, results)
     if not args.variants_only:
         plot(results, os.path.join("bench", "results", f"{name}.png"))
