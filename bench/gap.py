@@ -99,7 +99,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-seeds", type=int, default=None, help="seeds of each H=8 variant (default: --seeds)")
     ap.add_argument("--out", default="runs/bench_gap")
     ap.add_argument("--name", help="results file stem under bench/results (default: gap, gap_quick or gap_variants)")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="no runs: merge these result files into one table (stdout) and plot (bench/results/<--name>.png)")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, args.name or "gap_merged")
     horizons = [8] if args.variants_only else args.horizons or ([4, 8] if args.quick else [4, 6, 8, 10, 12])
     seeds = args.seeds or (1 if args.quick else 3)
     steps = args.steps or (60 if args.quick else 150)
@@ -175,6 +179,46 @@ def main(argv=None) -> int:
     return 0
 
 
+def table(runs: list) -> str:
+    """Markdown table, one row per (H, mode): median over seeds and the per-seed values."""
+    def fmt(x):
+        return "-" if x is None else f"{x / 1000:.0f}K"
+
+    lines = ["| H | mode | seeds | tokens to 0.5 (median; per seed) | tokens to 0.9 (median) | final success (per seed) | wall s (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["H"], r["mode"]) for r in runs}, key=lambda k: (k[0], k[1] not in MODES, list(MODES).index(k[1]) if k[1] in MODES else 0, k[1]))
+    for h, mode in keys:
+        rs = sorted((r for r in runs if r["H"] == h and r["mode"] == mode), key=lambda r: r["seed"])
+        t5 = [r["tokens_to_0.5"] for r in rs]
+        finals = ", ".join(f"{r['final_success']:.2f}" for r in rs)
+        lines.append(f"| {h} | {mode} | {len(rs)} | {fmt(median_or_none(t5))}; {', '.join(fmt(x) for x in t5)} | "
+                     f"{fmt(median_or_none([r['tokens_to_0.9'] for r in rs]))} | "
+                     f"{finals} | "
+                     f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
+def report(paths: list, name: str) -> int:
+    """Merge result files (runs of later files replace equal (H, mode, seed) runs of earlier ones)."""
+    merged, stamps, budget = {}, [], 0
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        stamps.append(f"{os.path.basename(path)}: {res['date']} {res['commit']}")
+        budget = max(budget, res["summary"]["budget_tokens"])
+        for r in res["runs"]:
+            merged[(r["H"], r["mode"], r["seed"])] = r
+    runs = list(merged.values())
+    horizons = sorted({r["H"] for r in runs})
+    from bench.common import stamp
+
+    out = {"runs": runs, "horizons": horizons, "summary": {"budget_tokens": budget}, "sources": stamps, **stamp()}
+    plot(out, os.path.join("bench", "results", f"{name}.png"))
+    print(table(runs))
+    print("\nsources: " + "; ".join(stamps))
+    return 0
+
+
 def median_or_none(xs):
     """Median over seeds; a seed that never reached the threshold counts as infinitely late."""
     xs = [float("inf") if x is None else x for x in xs]
@@ -189,7 +233,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode in MODES:
+    for mode in [m for m in MODES if any(r["mode"] == m for r in results["runs"])]:
         hs, med, lo, hi = [], [], [], []
         for h in results["horizons"]:
             xs = [r["tokens_to_0.5"] for r in results["runs"] if r["H"] == h and r["mode"] == mode]
@@ -199,10 +243,14 @@ def plot(results: dict, path: str) -> None:
                 med.append(statistics.median(reached))
                 lo.append(min(reached))
                 hi.append(max(reached))
+        missed = [h for h in results["horizons"]
+                  if any(r["H"] == h and r["mode"] == mode and r["tokens_to_0.5"] is None for r in results["runs"])]
+        line, = ax.plot(hs, med, marker="o", label=mode)
         if hs:
-            line, = ax.plot(hs, med, marker="o", label=mode)
             ax.fill_between(hs, lo, hi, alpha=0.2, color=line.get_color())
-    ax.axhline(results["summary"]["budget_tokens"], ls="--", c="gray", lw=1, label="budget")
+        if missed:  # a seed that never reached 0.5: drawn at the budget
+            ax.scatter(missed, [results["summary"]["budget_tokens"]] * len(missed), marker="x", color=line.get_color())
+    ax.axhline(results["summary"]["budget_tokens"], ls="--", c="gray", lw=1, label="budget (x: a seed not reaching 0.5)")
     ax.set_yscale("log")
     ax.set_xlabel("horizon H")
     ax.set_ylabel("generated tokens to held-out success 0.5")
