@@ -128,6 +128,14 @@ def main(argv=None) -> int:
         _, shard = bench_insert(workload(size, seed=2))
         res["select"][str(size)] = bench_select(shard)
         print(f"[bench.store] select at {size}: {res['select'][str(size)]}", file=sys.stderr)
+    # the path-aware scorer reads the tree, not only per-row columns: same shard, side by side
+    from prefix_store.scoring import get_scorer
+
+    res["select_by_scorer_1m"] = {}
+    for i, name in enumerate(("entropy", "first_surprise", "entropy")):
+        shard.scorer = get_scorer(name)
+        res["select_by_scorer_1m"][f"{name}#{i}"] = bench_select(shard)
+    print(f"[bench.store] select at 1M by scorer: {res['select_by_scorer_1m']}", file=sys.stderr)
     res["memory"] = bench_bytes(workload(200_000, seed=3))
     if not args.quick:
         import ray
