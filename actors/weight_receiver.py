@@ -10,6 +10,23 @@ learner, shared through the Ray object store).
 """
 from __future__ import annotations
 
+import logging
+
+
+class _DropRotaryReloadWarning(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every push.
+
+    A rotary embedding has no weights, only a cos/sin cache that vLLM restores
+    (engine and learner logprobs agree to ~1e-6 after a push, tested), so the
+    line is noise; every other warning of that logger still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DropRotaryReloadWarning())
+
 
 class WeightReceiver:
     def load_weights_from_bytes(self, payload: bytes) -> int:
