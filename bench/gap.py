@@ -233,7 +233,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode in [m for m in MODES if any(r["mode"] == m for r in results["runs"])]:
+    for k, mode in enumerate([m for m in MODES if any(r["mode"] == m for r in results["runs"])]):
         hs, med, lo, hi = [], [], [], []
         for h in results["horizons"]:
             xs = [r["tokens_to_0.5"] for r in results["runs"] if r["H"] == h and r["mode"] == mode]
@@ -249,11 +249,12 @@ def plot(results: dict, path: str) -> None:
         if hs:
             ax.fill_between(hs, lo, hi, alpha=0.2, color=line.get_color())
         if missed:  # a seed that never reached 0.5: drawn at the budget
-            ax.scatter(missed, [results["summary"]["budget_tokens"]] * len(missed), marker="x", color=line.get_color())
+            ax.scatter([h + 0.12 * (k - 1.5) for h in missed], [results["summary"]["budget_tokens"]] * len(missed),
+                       marker="x", color=line.get_color())
     ax.axhline(results["summary"]["budget_tokens"], ls="--", c="gray", lw=1, label="budget (x: a seed not reaching 0.5)")
     ax.set_yscale("log")
     ax.set_xlabel("horizon H")
-    ax.set_ylabel("generated tokens to held-out success 0.5")
+    ax.set_ylabel("generated tokens to held-out success 0.5\n(median of the seeds reaching it; band: min-max)", fontsize=8)
     ax.set_title(f"{results['date']} {results['commit']}", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
