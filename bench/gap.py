@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="H in {4, 8}, one seed, no scorer variants")
     ap.add_argument("--horizons", type=int, nargs="*")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=None, help="update budget per run (identical for every mode)")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--no-variants", action="store_true", help="skip the scorer/action comparison at H=8")
@@ -135,10 +136,12 @@ def main(argv=None) -> int:
         with open(os.path.join(d, "model.safetensors"), "rb") as f:
             base_refs[h] = ray.put(f.read())
 
+    seed_ids = range(args.first_seed, args.first_seed + seeds)
     plan = [] if args.variants_only else [(h, mode, seed, over) for h in horizons for mode, over in MODES.items()
-                                          for seed in range(seeds)]
+                                          for seed in seed_ids]
     if (variants or args.variants_only or args.modes) and 8 in horizons:
-        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items() for seed in range(args.variant_seeds or seeds)]
+        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items()
+                 for seed in range(args.first_seed, args.first_seed + (args.variant_seeds or seeds))]
     if args.modes:
         unknown = set(args.modes) - set(MODES) - set(VARIANTS_H8)
         if unknown:
