@@ -181,8 +181,10 @@ def write_history(run_dir: str, history: list[dict]) -> None:
 
 
 def write_pids(run_dir: str, comp: Components) -> None:
-    """runs/<id>/pids.json: the process ids of the driver, the learner ranks and the rollout actors (fault tests, ops)."""
-    pids = {"driver": os.getpid(), "learner": list(comp.learner.pids), "rollout": comp.rollout.pids()}
+    """runs/<id>/pids.json: the process ids of the driver, the learner ranks, the rollout actors and the store's
+    shards at the start of the run (fault tests, ops)."""
+    pids = {"driver": os.getpid(), "learner": list(comp.learner.pids), "rollout": comp.rollout.pids(),
+            "store": comp.store.pids()}
     with open(os.path.join(run_dir, "pids.json"), "w") as f:
         json.dump(pids, f)
 

@@ -216,6 +216,10 @@ class PrefixStore:
             by_shard[shard_of(root_id, len(self.shards))].append(ref)
         self._call([(i, "release", (refs,)) for i, refs in by_shard.items()])
 
+    def pids(self) -> list[int]:
+        """Process id of each shard now (fault tests, ops); a revived shard has a new one."""
+        return [int(x) for x in self._call([(i, "pid", ()) for i in range(len(self.shards))])]
+
     def shard_stats(self) -> list[dict[str, float]]:
         return self._call([(i, "stats", ()) for i in range(len(self.shards))])
 
