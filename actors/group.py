@@ -188,8 +188,8 @@ class RolloutGroup:
             self._failed_syncs[i] = self._failed_syncs.get(i, 0) + 1
             if self._failed_syncs[i] > self._max_restarts + 1:
                 raise RolloutActorLost(f"rollout actor {i} died {self._failed_syncs[i]} times in a row without taking "
-                                       f"weights (rollout.max_restarts={self._max_restarts}; its log is in the Ray "
-                                       "session folder)")
+                                       f"weights (rollout.max_restarts={self._max_restarts}); see its log under the Ray "
+                                       "session folder, then resume from the last checkpoint with resume=runs/<id>")
         a = self.actors[i]
         self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
                             else a.get_version.remote())
