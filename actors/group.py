@@ -44,10 +44,6 @@ def worker_class(engine: str):
     raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}")
 
 
-class RolloutActorLost(RuntimeError):
-    """A rollout actor keeps dying before it can take the current weights (out of Ray restarts)."""
-
-
 class _Local:
     """The in-process stand-in for a Ray actor handle: `handle.method.remote(...)` runs the call now.
 
@@ -106,8 +102,6 @@ class RolloutGroup:
         self._latest = None  # (payload ref, version) of the last push
         self._version = 0
         self._syncing: dict[int, object] = {}  # actor index -> ref of its pending re-sync
-        self._max_restarts = int(getattr(rollout_cfg, "max_restarts", 3))
-        self._failed_syncs: dict[int, int] = {}  # actor index -> deaths in a row without a landed sync
 
     # ----- generation -------------------------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None) -> list[Rollout]:
@@ -173,23 +167,12 @@ class RolloutGroup:
         for i, ref in refs.items():
             try:
                 ray.get(ref)
-                self._failed_syncs.pop(i, None)
             except RayActorError:
                 self._resync(i, died=True)
 
     def _resync(self, i: int, *, died: bool) -> None:
-        """Actor i restarted (or is stale): send it the latest weights; it takes requests once that has landed.
-
-        An actor past Ray's `max_restarts` fails every call at once; more deaths in a row than restarts allowed
-        end the run with one line instead of re-syncing forever.
-        """
+        """Actor i restarted (or is stale): send it the latest weights; it takes requests once that has landed."""
         self.restarts_seen += died
-        if died:
-            self._failed_syncs[i] = self._failed_syncs.get(i, 0) + 1
-            if self._failed_syncs[i] > self._max_restarts + 1:
-                raise RolloutActorLost(f"rollout actor {i} died {self._failed_syncs[i]} times in a row without taking "
-                                       f"weights (rollout.max_restarts={self._max_restarts}); see its log under the Ray "
-                                       "session folder, then resume from the last checkpoint with resume=runs/<id>")
         a = self.actors[i]
         self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
                             else a.get_version.remote())
@@ -206,7 +189,6 @@ class RolloutGroup:
                     try:
                         ray.get(ref)
                         del self._syncing[i]
-                        self._failed_syncs.pop(i, None)
                     except RayActorError:  # died again during the sync: try again after its next restart
                         self._resync(i, died=True)
             ok = [i not in self._syncing for i in range(len(self.actors))]

@@ -351,10 +351,9 @@ def component_died(e: Exception) -> str | None:
     """One line naming the process that died, when `e` says a learner rank or another actor of the run died."""
     from ray.exceptions import RayActorError
 
-    from actors.group import RolloutActorLost
     from learner.group import LearnerDied
 
-    if isinstance(e, (LearnerDied, RolloutActorLost)):
+    if isinstance(e, LearnerDied):
         return str(e)
     if isinstance(e, RayActorError):
         text = str(e)
