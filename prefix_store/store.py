@@ -188,12 +188,17 @@ class PrefixStore:
     def select(self, k: int) -> list[BranchPoint]:
         if k <= 0:
             return []
-        tops = self._call([(i, "peek", (k,)) for i in range(len(self.shards))])
-        best = sorted((bp for top in tops for bp in top), key=lambda bp: -bp.score)[:k]
-        by_shard = defaultdict(list)
-        for bp in best:
-            by_shard[shard_of(bp.root_id, len(self.shards))].append(bp)
-        claimed = [bp for part in self._call([(i, "claim", (bps,)) for i, bps in by_shard.items()]) for bp in part]
+        # Peek and claim under every shard's lock: another client thread's insert could otherwise evict a peeked
+        # tree (or use up a position) before it is claimed. The locks are re-entrant, so _call takes them again.
+        with ExitStack() as held:
+            for lock in self._locks:
+                held.enter_context(lock)
+            tops = self._call([(i, "peek", (k,)) for i in range(len(self.shards))])
+            best = sorted((bp for top in tops for bp in top), key=lambda bp: -bp.score)[:k]
+            by_shard = defaultdict(list)
+            for bp in best:
+                by_shard[shard_of(bp.root_id, len(self.shards))].append(bp)
+            claimed = [bp for part in self._call([(i, "claim", (bps,)) for i, bps in by_shard.items()]) for bp in part]
         return sorted(claimed, key=lambda bp: -bp.score)
 
     def soft_values(self, rollouts: list[Rollout]) -> list[list[float]]:
