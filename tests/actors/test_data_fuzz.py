@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from actors.data import DataError, Example, load_jsonl, parse_line
 from actors.verifiers import reference_number
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True, allow_infinity=True),
                     st.text(max_size=20))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
@@ -43,7 +43,7 @@ def test_fuzz_parse_line_accepts_valid_or_names_the_problem(line):
     check_example(ex, line)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(lines, min_size=1, max_size=8), st.sampled_from(["skip", "reject"]))
 def test_fuzz_jsonl_file_one_line_error_with_line_numbers(tmp_path_factory, file_lines, policy):
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
