@@ -276,7 +276,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
     "train.eval_every": 0, "ray.num_cpus": 1,
 }
-_POSITIVE = ("model.sft_lr", "rollout.temperature", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
+_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
 _AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 1.0, "rollout.gpu_memory_utilization": 1.0,
             "learner.min_lr_ratio": 1.0, "train.stop_at_success": 1.0}
 _RUN_NAME = re.compile(r"[A-Za-z0-9_=+,-][A-Za-z0-9_.=+,-]*")
