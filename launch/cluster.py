@@ -7,9 +7,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def actor_env_vars(kv_cache_gib: int) -> dict[str, str]:
-    """Environment every actor needs (the vLLM CPU cache size, DeepSpeed's accelerator, imports of this repo)."""
+    """Environment every actor needs (the vLLM CPU cache size, a DeepSpeed accelerator set by the user, imports of this repo)."""
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    if "DS_ACCELERATOR" in os.environ:  # else each learner picks CUDA when Ray gave it a GPU, the CPU otherwise
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     if not os.environ.get("RAY_JOB_ID"):  # under `ray job submit` the working_dir is already importable
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     return env

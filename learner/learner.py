@@ -33,10 +33,18 @@ METRICS = ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean")
 
 
 def _dist_env(rank: int, world_size: int, master_port: int, master_addr: str = "127.0.0.1") -> None:
-    """DeepSpeed reads the process layout from the environment; set it before importing it."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """DeepSpeed reads the process layout from the environment; set it before importing it.
+
+    The accelerator is DS_ACCELERATOR when set, else CUDA when this process sees a GPU (a Ray actor
+    with num_gpus > 0), else CPU. LOCAL_RANK indexes the GPUs this process sees: Ray gives each rank
+    its own, so it is 0 there, and rank mod the GPU count when all ranks see all GPUs."""
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if n_gpus else "cpu")
+    local_rank = rank % n_gpus if os.environ["DS_ACCELERATOR"] == "cuda" and n_gpus else 0
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK="0" if os.environ["DS_ACCELERATOR"] == "cpu" else str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
@@ -91,14 +99,19 @@ class Learner:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=ds_config)
         self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine._config)
+        self.device = self.engine.device  # batches and the reference live here; metrics and weights out go to the CPU
+        self.ref = self.ref.to(self.device)
         self.version = 0
         self.rejected_batches = 0
         self.skipped_steps = 0
 
     # ---- collectives -------------------------------------------------------------------------------
     def _all_sum(self, x):
+        """Sum of a CPU tensor over ranks (through the accelerator: NCCL reduces only GPU tensors)."""
         if self.world_size > 1:
-            self.torch.distributed.all_reduce(x)
+            y = x.to(self.device)
+            self.torch.distributed.all_reduce(y)
+            x = y.cpu()
         return x
 
     def _all_finite(self, loss) -> bool:
@@ -121,8 +134,9 @@ class Learner:
         if len(batch) == 0:  # an empty shard still takes part in the collectives, with zero weight
             t = collate(TrainBatch([[self.pad_id]], [[self.pad_id]], [[0.0]], [0.0], [0]), self.pad_id)
             t["mask"].zero_()
-            return t
-        return collate(batch, self.pad_id)
+        else:
+            t = collate(batch, self.pad_id)
+        return {k: v.to(self.device) for k, v in t.items()}
 
     def _logp(self, model, t):
         logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits  # (B, L, V)
@@ -143,7 +157,7 @@ class Learner:
         for idx, t, ref in zip(micro_idx, micros, refs):
             if idx:
                 r = torch.zeros(len(idx), dtype=torch.float64)
-                shaped = kl_penalised_rewards(r, t["behaviour"].double(), ref.double(), t["mask"].double(),
+                shaped = kl_penalised_rewards(r, t["behaviour"].double().cpu(), ref.double().cpu(), t["mask"].double().cpu(),
                                               kl_coef=self.cfg.kl_coef, estimator=self.cfg.kl_estimator)
                 pen[[shard[i] for i in idx]] = shaped  # = -beta * KL_i
         pen = self._all_sum(pen)
@@ -151,7 +165,7 @@ class Learner:
         adv = sequence_advantages(rewards, torch.tensor(batch.group_ids), self.cfg.advantage, nudge=self.cfg.nudge)
         for idx, t in zip(micro_idx, micros):
             if idx:
-                t["advantages"] = adv[[shard[i] for i in idx]].float()
+                t["advantages"] = adv[[shard[i] for i in idx]].float().to(self.device)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One KL-regularised update on the (global) `batch`; returns global learner/ metrics on every rank.
@@ -222,7 +236,8 @@ class Learner:
     def state_dict(self) -> dict:
         """The policy's full state dict (Hugging Face names, fp32 copies); a collective under ZeRO-3."""
         with self._full_params():
-            return {k: v.detach().float().clone().contiguous() for k, v in self.engine.module.state_dict().items()}
+            return {k: v.detach().to("cpu", self.torch.float32, copy=True).contiguous()
+                    for k, v in self.engine.module.state_dict().items()}
 
     def weights_bytes(self) -> bytes:
         """The policy's state dict as safetensors bytes, for the rollout engines (b"" off rank 0)."""
@@ -241,17 +256,18 @@ class Learner:
             if self.rank != 0:
                 return None
             state = self.engine.module.state_dict()
-            if self.zero_stage == 3:  # the gathered parameters go at the end of the block; Ray serialises later
-                state = {k: v.detach().clone() for k, v in state.items()}
+            if self.zero_stage == 3 or self.device.type != "cpu":
+                # a copy on the CPU: gathered ZeRO-3 parameters go at the end of the block, GPU memory cannot be viewed
+                state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             return pack_weights(state, dtype=self.torch.float32)
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 under the current policy (every rank must call it under ZeRO-3)."""
         torch = self.torch
         with torch.no_grad():
-            logits = self.engine.module(input_ids=torch.tensor([token_ids])).logits
-            logp = torch.log_softmax(logits.float(), -1)[0, :-1]
-            return logp.gather(-1, torch.tensor(token_ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+            ids = torch.tensor([token_ids], device=self.device)
+            logp = torch.log_softmax(self.engine.module(input_ids=ids).logits.float(), -1)[0, :-1]
+            return logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
 
     def get_version(self) -> int:
         return self.version
@@ -354,7 +370,7 @@ def latest_tag(ckpt_dir: str) -> str:
 
 
 def save_rng(path: str) -> None:
-    """torch, numpy and Python RNG states as safetensors (tensors) plus JSON metadata (scalars)."""
+    """torch (CPU and, when in use, CUDA), numpy and Python RNG states as safetensors (tensors) plus JSON metadata (scalars)."""
     import json
 
     import numpy as np
@@ -365,6 +381,8 @@ def save_rng(path: str) -> None:
     py_version, py_internal, py_gauss = random.getstate()
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
                "python_state": torch.tensor(py_internal, dtype=torch.int64)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
     meta = {"numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)], "python": [py_version, py_gauss]}
     save_file(tensors, path, metadata={"graftrl_rng": json.dumps(meta)})
 
@@ -381,6 +399,8 @@ def load_rng(path: str) -> None:
         meta = json.loads(f.metadata()["graftrl_rng"])
         t = {k: f.get_tensor(k) for k in f.keys()}
     torch.set_rng_state(t["torch"])
+    if "cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
     np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
     np.random.set_state((np_name, t["numpy_keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     py_version, py_gauss = meta["python"]

@@ -178,7 +178,7 @@ def forced_token_mask(context_lens: torch.Tensor, forced: torch.Tensor, length: 
     (see the module docstring), for checks and diagnostics.
     context_lens (B,) long, forced (B,) bool -> (B, L) float.
     """
-    pos = torch.arange(length).unsqueeze(0)  # (1, L)
+    pos = torch.arange(length, device=context_lens.device).unsqueeze(0)  # (1, L)
     return ((pos == (context_lens - 1).unsqueeze(1)) & forced.unsqueeze(1)).float()
 
 

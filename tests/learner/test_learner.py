@@ -76,12 +76,12 @@ def test_grad_accumulation_and_zero3_equal_the_full_batch_update(tiny_model_dir)
 
 def test_ema_reference_and_kl_in_reward(tiny_model_dir):
     L = new_learner(tiny_model_dir, ref_ema=0.25, kl_mode="reward", kl_estimator="k1", zero_stage=2)
-    ref0 = {k: v.clone() for k, v in L.ref.state_dict().items()}
+    ref0 = {k: v.cpu().clone() for k, v in L.ref.state_dict().items()}  # the reference lives on the learner's device
     m = L.train_step(make_batch())
     assert m["learner/kl"] == 0.0 and math.isfinite(m["learner/loss"])  # KL is in the reward, not the loss
     w1 = weights(L)
     for k, v in L.ref.state_dict().items():
-        assert torch.allclose(v, 0.75 * ref0[k] + 0.25 * w1[k], atol=1e-6)
+        assert torch.allclose(v.cpu(), 0.75 * ref0[k] + 0.25 * w1[k], atol=1e-6)
 
 
 def test_bf16_trains(tiny_model_dir):
