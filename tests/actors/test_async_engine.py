@@ -9,27 +9,15 @@ import os
 
 import pytest
 
+from tests.actors.local_group import local_rollout_group
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def setup():
-    import ray
-
-    from actors.group import RolloutGroup
-    from launch.base_model import ensure_base_model
-    from launch.cluster import actor_env_vars
-    from launch.config import ModelConfig, RolloutConfig, TaskConfig
-
-    model_dir = os.environ.get("GRAFTRL_TINY_MODEL") or ensure_base_model(ModelConfig(), TaskConfig())
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
-    cfg = RolloutConfig(num_actors=1, engine="async")
-    g = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg, task_cfg=TaskConfig(), seed=0,
-                     env_vars=actor_env_vars(cfg.kv_cache_gib))
-    yield g, model_dir
-    g.shutdown()
-    ray.shutdown()
+    with local_rollout_group(num_actors=1, engine="async") as (g, model_dir):
+        yield g, model_dir
 
 
 def hf_model(model_dir: str, state: dict):

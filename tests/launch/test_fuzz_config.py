@@ -77,16 +77,24 @@ def invariants(cfg) -> None:
     assert cfg.run_name is None or (cfg.run_name not in ("", ".", "..") and "/" not in cfg.run_name)
 
 
-@FUZZ
-@given(overrides)
-def test_fuzz_overrides_valid_or_one_line_error(tmp_path_factory, items):
+def accepted_config(items: list[str]):
+    """The config the overrides give, with its invariants checked; None when it is rejected with a one-line error."""
     try:
         cfg = load_config("configs/smoke.yaml", items)
         check_task(cfg.task, cfg.model.path)
     except ConfigError as e:
         check_one_line(e)
-        return
+        return None
     invariants(cfg)
+    return cfg
+
+
+@FUZZ
+@given(overrides)
+def test_fuzz_overrides_valid_or_one_line_error(tmp_path_factory, items):
+    cfg = accepted_config(items)
+    if cfg is None:
+        return
     save_config(cfg, str(tmp_path_factory.mktemp("cfg") / "config.yaml"))  # what main() writes next must not fail
 
 
@@ -101,13 +109,9 @@ chain_fields = st.fixed_dictionaries({
 def test_fuzz_chain_task_fields(fields):
     """Chain task settings: accepted ones build a task whose held-out set is drawn in bounded time."""
     items = [f"{k}={'null' if v is None else v}" for k, v in fields.items()]
-    try:
-        cfg = load_config("configs/smoke.yaml", items)
-        check_task(cfg.task, cfg.model.path)
-    except ConfigError as e:
-        check_one_line(e)
+    cfg = accepted_config(items)
+    if cfg is None:
         return
-    invariants(cfg)
     from actors.tasks import make_task
 
     task = make_task(cfg.task)
@@ -122,13 +126,9 @@ def test_fuzz_chain_task_fields(fields):
                                    "x..y:z", "os:", "actors.verifiers:", "actors.verifiers:VERIFIERS", "null"])}))
 def test_fuzz_arithmetic_task_fields(tiny_text_model_dir, fields):
     items = ["task.name=arithmetic", f"model.path={tiny_text_model_dir}"] + [f"{k}={v}" for k, v in fields.items()]
-    try:
-        cfg = load_config("configs/smoke.yaml", items)
-        check_task(cfg.task, cfg.model.path)
-    except ConfigError as e:
-        check_one_line(e)
+    cfg = accepted_config(items)
+    if cfg is None:
         return
-    invariants(cfg)
 
 
 @pytest.fixture(scope="module")

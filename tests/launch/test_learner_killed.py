@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT
+from tests.launch.smoke_run import smoke_run, wait_for_files
 from tests.launch.test_resume import alive, descendants
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -17,28 +18,18 @@ STEPS, PROMPTS, SAMPLES = 24, 4, 2
 
 
 def test_learner_killed_fails_cleanly_then_resume_matches_uninterrupted(tmp_path):
-    runs = tmp_path / "runs"
-    run_dir, log = runs / "k", tmp_path / "killed.log"
-    args = [sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml", f"run_dir={runs}", "run_name=k",
-            f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"train.samples_per_request={SAMPLES}",
-            "train.checkpoint_every=2"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline, seen = time.time() + 300, set()
-        while time.time() < deadline and not ((run_dir / "checkpoints" / "latest").exists() and (run_dir / "pids.json").exists()):
-            seen |= descendants(proc.pid)
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
+    overrides = [f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"train.samples_per_request={SAMPLES}",
+                 "train.checkpoint_every=2"]
+    seen: set[int] = set()
+    with smoke_run(tmp_path, "k", overrides) as (proc, run_dir, log):
+        wait_for_files(proc, log, [run_dir / "checkpoints" / "latest", run_dir / "pids.json"],
+                       each=lambda: seen.update(descendants(proc.pid)))
         seen |= descendants(proc.pid)
         pids = json.loads((run_dir / "pids.json").read_text())
         assert pids["driver"] == proc.pid and pids["learner"][0] in seen
         os.kill(pids["learner"][0], signal.SIGKILL)
         t_kill = time.time()
         rc = proc.wait(timeout=120)  # a hang fails here
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert rc == 1, text[-3000:]

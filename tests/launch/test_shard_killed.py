@@ -3,39 +3,23 @@ revives it from its last snapshot plus the replayed calls since, the run finishe
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.launch.smoke_run import smoke_run, wait_for_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 STEPS, PROMPTS, SAMPLES = 32, 4, 2
 
 
 def test_shard_killed_mid_run_is_revived_and_the_run_finishes_with_exact_counts(tmp_path):
-    runs = tmp_path / "runs"
-    run_dir, log = runs / "s", tmp_path / "run.log"
-    args = [sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml", f"run_dir={runs}", "run_name=s",
-            f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"train.samples_per_request={SAMPLES}",
-            "store.num_shards=2", "store.snapshot_every=4"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        snapshot = run_dir / "store.shard0.npz"
-        deadline = time.time() + 300
-        while time.time() < deadline and not (snapshot.exists() and (run_dir / "pids.json").exists()):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
-        assert snapshot.exists(), "no store snapshot within 300 s"
+    overrides = [f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"train.samples_per_request={SAMPLES}",
+                 "store.num_shards=2", "store.snapshot_every=4"]
+    with smoke_run(tmp_path, "s", overrides) as (proc, run_dir, log):
+        wait_for_files(proc, log, [run_dir / "store.shard0.npz", run_dir / "pids.json"])
         shard_pid = json.loads((run_dir / "pids.json").read_text())["store"][0]
         os.kill(shard_pid, signal.SIGKILL)
         rc = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 0, text[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
