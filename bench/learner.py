@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.learner --quick      # < 3 min on 2 CPU cores; one JSON line
     .venv/bin/python -m bench.learner              # more steps, a wider model
+    DS_ACCELERATOR=cuda python -m bench.learner --no-ranks --model <hf folder> --name learner_gpu   # on a GPU
 
 Both paths do the same work per update: collate the TrainBatch, a no-grad
 reference forward, a policy forward, the clipped KL-regularised loss
@@ -67,7 +68,8 @@ class TorchLoop:
         from transformers import AutoModelForCausalLM
 
         self.torch, self.cfg = torch, cfg
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.device = torch.device("cuda" if os.environ["DS_ACCELERATOR"] == "cuda" else "cpu")  # where the learner runs
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.pad_id = self.model.config.pad_token_id or 0
@@ -77,7 +79,7 @@ class TorchLoop:
         from learner.objectives import policy_loss
 
         torch = self.torch
-        t = collate(batch, self.pad_id)
+        t = {k: v.to(self.device) for k, v in collate(batch, self.pad_id).items()}
         with torch.no_grad():
             ref = token_logprobs(self.ref(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t["input_ids"], t["cont_index"])
         self.model.train()
@@ -93,7 +95,7 @@ class TorchLoop:
 
 def timed(fn, batch) -> float:
     t0 = time.perf_counter()
-    fn(batch)
+    fn(batch)  # returns a Python float: the step has finished on the device too
     return time.perf_counter() - t0
 
 
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small run, < 3 min on 2 cores")
     ap.add_argument("--model", default=None, help="a Hugging Face model folder (default: a random Llama built here)")
     ap.add_argument("--no-ranks", action="store_true", help="skip the 1 vs 2 ranks measurement")
+    ap.add_argument("--name", default=None, help="results file stem under bench/results (default: learner or learner_quick)")
     args = ap.parse_args()
     hidden, layers, rounds, per_round, n, ctx, cont, rank_steps = (
         (128, 2, 4, 3, 64, 8, 16, 4) if args.quick else (256, 4, 6, 5, 64, 16, 32, 8))
@@ -162,7 +165,8 @@ def main() -> None:
         if not args.no_ranks:
             result.update(ranks(model_dir, batch, rank_steps))
         result["bench_seconds"] = round(time.time() - t0, 1)
-    write_result("learner_quick" if args.quick else "learner", result)
+    result["accelerator"] = os.environ["DS_ACCELERATOR"]
+    write_result(args.name or ("learner_quick" if args.quick else "learner"), result)
     print(json.dumps({**stamp(), **result}))
 
 
