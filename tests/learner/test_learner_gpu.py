@@ -13,6 +13,7 @@ import torch
 
 from tests.learner.conftest import learner_cfg, make_batch
 
+pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
