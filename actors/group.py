@@ -10,6 +10,12 @@ returns nothing, so no rollout is lost or counted twice), and the restarted
 actor is sent the latest weights before it is given requests again. Every
 call carries `min_version`, so an actor that restarted unnoticed refuses to
 serve with its initial weights (`StaleWeights`) and is re-synced.
+An actor that has not taken the weights `actor_lost_after_s` seconds after
+it died (Ray is out of restarts for it, or its engine cannot start) is
+given up: the run goes on with the others, or stops with one line
+(`RolloutActorLost`) when none is left. Ray's exceptions cannot tell a
+final death from a death that will be restarted (calls to a restarting
+actor fail too), so the bound is on time without a landed sync.
 
 Bad requests do not fail the call: they come back as `RequestError`s, kept
 in `self.errors` until `pop_errors()`.
@@ -24,13 +30,19 @@ actor, so calls to one actor overlap). The group's API is the same for both.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import time
 
 from actors.messages import Rollout, RolloutRequest
 from actors.routing import route
 from actors.rollout_worker import Generated, RequestError, RolloutWorker, StaleWeights
 
 ENGINES = ("sync", "async")
+
+
+class RolloutActorLost(RuntimeError):
+    """Every rollout actor has died and none took the current weights within `rollout.actor_lost_after_s`."""
 
 
 def worker_class(engine: str):
@@ -102,6 +114,9 @@ class RolloutGroup:
         self._latest = None  # (payload ref, version) of the last push
         self._version = 0
         self._syncing: dict[int, object] = {}  # actor index -> ref of its pending re-sync
+        self._down_since: dict[int, float] = {}  # actor index -> when it died (cleared when a sync lands)
+        self.lost: set[int] = set()
+        """Actors given up on (no sync landed within `actor_lost_after_s` of their death); never routed to again."""
 
     # ----- generation -------------------------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None) -> list[Rollout]:
@@ -165,14 +180,19 @@ class RolloutGroup:
         refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors)}
         self._syncing.clear()
         for i, ref in refs.items():
+            if i in self.lost:
+                continue
             try:
                 ray.get(ref)
+                self._down_since.pop(i, None)
             except RayActorError:
                 self._resync(i, died=True)
 
     def _resync(self, i: int, *, died: bool) -> None:
         """Actor i restarted (or is stale): send it the latest weights; it takes requests once that has landed."""
         self.restarts_seen += died
+        if died:
+            self._down_since.setdefault(i, time.monotonic())
         a = self.actors[i]
         self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
                             else a.get_version.remote())
@@ -182,19 +202,41 @@ class RolloutGroup:
         import ray
         from ray.exceptions import RayActorError
 
+        lost_after = float(getattr(self.cfg, "actor_lost_after_s", 600.0))
         while True:
+            failed = False
             for i, ref in list(self._syncing.items()):
                 ready, _ = ray.wait([ref], timeout=0)
                 if ready:
                     try:
                         ray.get(ref)
                         del self._syncing[i]
+                        self._down_since.pop(i, None)
                     except RayActorError:  # died again during the sync: try again after its next restart
-                        self._resync(i, died=True)
-            ok = [i not in self._syncing for i in range(len(self.actors))]
+                        if time.monotonic() - self._down_since.get(i, time.monotonic()) > lost_after:
+                            self._give_up(i, lost_after)
+                        else:
+                            self._resync(i, died=True)
+                            failed = True
+            ok = [i not in self._syncing and i not in self.lost for i in range(len(self.actors))]
             if any(ok):
                 return ok
-            ray.wait(list(self._syncing.values()), num_returns=1, timeout=600)
+            if len(self.lost) == len(self.actors):
+                raise RolloutActorLost(
+                    f"every rollout actor died and none took the weights within rollout.actor_lost_after_s={lost_after:g} s "
+                    f"(rollout.max_restarts={getattr(self.cfg, 'max_restarts', 3)}); see the actors' logs under the Ray "
+                    "session folder")
+            if failed:
+                time.sleep(0.5)  # a dead actor fails every call at once: do not spin
+            else:
+                ray.wait(list(self._syncing.values()), num_returns=1, timeout=min(600.0, lost_after))
+
+    def _give_up(self, i: int, lost_after: float) -> None:
+        del self._syncing[i]
+        self._down_since.pop(i, None)
+        self.lost.add(i)
+        print(f"[graftrl] warning: rollout actor {i} has not come back {lost_after:g} s after it died; going on "
+              f"with {len(self.actors) - len(self.lost)} of {len(self.actors)} actors", file=sys.stderr, flush=True)
 
     # ----- misc ------------------------------------------------------------------------------------------------------
     def set_task(self, task_cfg, model_dir: str | None = None) -> None:

@@ -120,6 +120,9 @@ class RolloutConfig:
     """Ray restarts a dead rollout actor this many times; it receives the current weights before serving again."""
     request_retries: int = 2
     """A batch whose actor died is retried on another actor this many times before the call fails."""
+    actor_lost_after_s: float = 600.0
+    """A dead actor that has not taken the current weights this long after it died is given up (Ray is out of
+    restarts for it, or its engine cannot start): the run goes on without it, or stops with one line if none is left."""
 
 
 @dataclass
@@ -276,7 +279,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
     "train.eval_every": 0, "ray.num_cpus": 1,
 }
-_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
+_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
 _AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 1.0, "rollout.gpu_memory_utilization": 1.0,
             "learner.min_lr_ratio": 1.0, "train.stop_at_success": 1.0}
 _RUN_NAME = re.compile(r"[A-Za-z0-9_=+,-][A-Za-z0-9_.=+,-]*")

@@ -271,6 +271,7 @@ def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resum
             metrics, t_push = learn(comp, cfg, rollouts, c)
             metrics.update(step_metrics(rollouts, branch_points, comp.store.stats(), c))
             metrics["rollout/verifier_errors"] = comp.rollout.verifier_errors
+            metrics["rollout/actors_lost"] = len(getattr(comp.rollout, "lost", ()))
             metrics.update({"timing/generate_s": t_gen, "timing/weight_push_s": t_push, "timing/step_s": time.time() - t0})
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
                 metrics["eval/heldout_success"], tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
@@ -351,9 +352,10 @@ def component_died(e: Exception) -> str | None:
     """One line naming the process that died, when `e` says a learner rank or another actor of the run died."""
     from ray.exceptions import RayActorError
 
+    from actors.group import RolloutActorLost
     from learner.group import LearnerDied
 
-    if isinstance(e, LearnerDied):
+    if isinstance(e, (LearnerDied, RolloutActorLost)):
         return str(e)
     if isinstance(e, RayActorError):
         text = str(e)

@@ -1,0 +1,41 @@
+"""Rollout actors that Ray cannot restart (slow, real engines): the group goes on with the actor left, gives the
+dead one up after `actor_lost_after_s`, and stops with one clear error when none is left (no endless re-sync)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.actors.local_group import local_rollout_group
+from tests.actors.test_rollout_faults import reqs
+
+pytestmark = pytest.mark.slow
+
+
+def test_dead_actors_are_given_up_then_the_last_one_ends_the_call_with_one_line(capfd):
+    import ray
+    from safetensors.torch import load_file, save
+
+    from actors.group import RolloutActorLost
+
+    with local_rollout_group(num_actors=2, max_restarts=0, actor_lost_after_s=10.0) as (group, model_dir):
+        group.update_weights(ray.put(save(load_file(os.path.join(model_dir, "model.safetensors")))), 1)
+        pid0, pid1 = group.pids()
+        os.kill(pid1, signal.SIGKILL)
+        out = group.generate(reqs(6))  # actor 1's share is retried on actor 0
+        assert sorted({r.request_id for r in out}) == list(range(6)) and {r.actor_id for r in out} == {0}
+        assert group.lost == set()  # not given up yet: it may be restarting, as far as the group can tell
+        time.sleep(10.5)
+        out = group.generate(reqs(4, start=10))
+        assert {r.actor_id for r in out} == {0} and group.lost == {1}
+        assert "rollout actor 1 has not come back 10 s after it died; going on with 1 of 2 actors" in capfd.readouterr().err
+
+        os.kill(pid0, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RolloutActorLost, match=r"every rollout actor died and none took the weights within "
+                                                   r"rollout.actor_lost_after_s=10 s \(rollout.max_restarts=0\)"):
+            group.generate(reqs(4, start=20))
+        assert time.monotonic() - t0 < 40  # bounded: it used to re-sync forever
+        assert group.lost == {0, 1}
