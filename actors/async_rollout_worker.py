@@ -128,13 +128,13 @@ class AsyncRolloutWorker(WorkerBase):
     async def update_weights(self, payload, version: int) -> int:
         """As `RolloutWorker.update_weights` (staged in /dev/shm, mapped by the workers), once the calls in flight
         have finished; new calls wait until the weights are in and the prefix cache is reset."""
-        from actors.weight_transport import staged_in_shm
+        from actors.weight_transport import payload_bytes, staged_in_shm
 
         async with self.gate.updating():
             with staged_in_shm(payload, str(version)) as path:
                 n = (await self.engine.collective_rpc("load_weights_from_file", args=(path,)))[0] if path else None
             if n is None:
-                n = (await self.engine.collective_rpc("load_weights_from_bytes", args=(bytes(payload),)))[0]
+                n = (await self.engine.collective_rpc("load_weights_from_bytes", args=(payload_bytes(payload),)))[0]
             await self.engine.reset_prefix_cache()
             self.version = version
             return n

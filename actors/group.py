@@ -177,11 +177,9 @@ class RolloutGroup:
             return
         from ray.exceptions import RayActorError
 
-        refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors)}
+        refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors) if i not in self.lost}
         self._syncing.clear()
         for i, ref in refs.items():
-            if i in self.lost:
-                continue
             try:
                 ray.get(ref)
                 self._down_since.pop(i, None)
@@ -232,6 +230,9 @@ class RolloutGroup:
                 ray.wait(list(self._syncing.values()), num_returns=1, timeout=min(600.0, lost_after))
 
     def _give_up(self, i: int, lost_after: float) -> None:
+        import ray
+
+        ray.kill(self.actors[i], no_restart=True)  # one that is only slow to come back must not hold its CPUs/GPU
         del self._syncing[i]
         self._down_since.pop(i, None)
         self.lost.add(i)
@@ -242,7 +243,10 @@ class RolloutGroup:
     def set_task(self, task_cfg, model_dir: str | None = None) -> None:
         self._get([a.set_task.remote(task_cfg, model_dir) for a in self.actors])
 
-    def sequence_logprobs(self, token_ids: list[int], actor: int = 0) -> list[float]:
+    def sequence_logprobs(self, token_ids: list[int], actor: int | None = None) -> list[float]:
+        """log pi(x_t | x_<t) under actor `actor`'s weights (default: the first actor serving with the latest)."""
+        if actor is None:
+            actor = 0 if self.local else self._available().index(True)
         return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
 
     def pids(self) -> list[int]:

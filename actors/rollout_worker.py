@@ -252,12 +252,12 @@ class RolloutWorker(WorkerBase):
         The engine workers are child processes on this node: the weights reach them as a file in /dev/shm that
         they map (`staged_in_shm`), not through vLLM's RPC, which would pickle and copy them several times (5x
         slower for 100M parameters). Falls back to the RPC when /dev/shm is missing or full."""
-        from actors.weight_transport import staged_in_shm
+        from actors.weight_transport import payload_bytes, staged_in_shm
 
         with staged_in_shm(payload, str(version)) as path:
             n = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0] if path else None
         if n is None:
-            n = self.llm.collective_rpc("load_weights_from_bytes", args=(bytes(payload),))[0]
+            n = self.llm.collective_rpc("load_weights_from_bytes", args=(payload_bytes(payload),))[0]
         self.llm.reset_prefix_cache()
         self.version = version
         return n

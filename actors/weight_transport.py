@@ -228,6 +228,11 @@ def staged_in_shm(payload, tag: str):
             os.unlink(path)
 
 
+def payload_bytes(payload) -> bytes:
+    """The safetensors bytes of a weight payload (`PackedWeights` or bytes-like), for the RPC fallback."""
+    return payload.tobytes() if isinstance(payload, PackedWeights) else bytes(payload)
+
+
 def check_transport(name: str) -> str:
     if name not in TRANSPORTS:
         raise ValueError(f"rollout.weight_transport={name!r} is not valid; choose one of {', '.join(TRANSPORTS)}")

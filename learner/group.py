@@ -76,11 +76,22 @@ class LearnerGroup:
         from ray.exceptions import RayActorError
 
         first, refs = self._all(method, *args, **kwargs)
-        for r, ref in enumerate(refs):
+        # Results as they come, not in rank order: when rank r > 0 dies, rank 0's collective fails (or hangs) first,
+        # and the dead rank, not the collective's error, is what the driver must report.
+        pending, failure = list(refs), None
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=None if failure is None else 30.0)
+            if not ready:  # still running 30 s after another rank failed: report that failure
+                break
             try:
-                ray.get(ref)
+                ray.get(ready[0])
             except RayActorError:  # no restart: the rank's DeepSpeed state is gone with its process
+                r = refs.index(ready[0])
                 raise LearnerDied(f"learner rank {r} (pid {self.pids[r]}) died during {method}") from None
+            except Exception as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
         return ray.get(first)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -30,6 +30,7 @@ def test_dead_actors_are_given_up_then_the_last_one_ends_the_call_with_one_line(
         time.sleep(10.5)
         out = group.generate(reqs(4, start=10))
         assert {r.actor_id for r in out} == {0} and group.lost == {1}
+        assert len(group.sequence_logprobs([1, 5, 3, 4])) == 3  # the weight check at the end of a run asks a live actor
         assert "rollout actor 1 has not come back 10 s after it died; going on with 1 of 2 actors" in capfd.readouterr().err
 
         os.kill(pid0, signal.SIGKILL)

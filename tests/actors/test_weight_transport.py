@@ -159,3 +159,13 @@ def test_staged_in_shm_holds_the_payload_then_goes():
     with pytest.raises(RuntimeError), staged_in_shm(b"abc", "t2") as path:
         raise RuntimeError("load failed")
     assert not os.path.exists(path)
+
+
+def test_rpc_fallback_bytes_of_every_payload_kind():
+    """Without /dev/shm the workers send `payload_bytes(payload)` by RPC: the same file for packed and raw payloads."""
+    from actors.weight_transport import pack_weights, payload_bytes
+
+    packed = pack_weights(random_state(2))
+    assert payload_bytes(packed) == packed.tobytes() == payload_bytes(bytearray(packed.tobytes()))
+    with pytest.raises(TypeError):
+        bytes(packed)  # why the fallback needs payload_bytes

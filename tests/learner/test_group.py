@@ -1,5 +1,7 @@
-"""LearnerGroup with 2 data-parallel Ray ranks (gloo on CPU) makes the same update as one in-process learner."""
+"""LearnerGroup with 2 data-parallel Ray ranks (gloo on CPU) makes the same update as one in-process learner;
+a rank other than 0 dying is reported as that rank's death."""
 import os
+import signal
 
 import pytest
 import torch
@@ -35,6 +37,12 @@ def test_two_ranks_equal_one(tiny_model_dir, tmp_path, zero_stage):
         path = two.save_checkpoint(str(tmp_path / "ck"), extra={"step": 2}, keep=1)
         assert os.path.isfile(os.path.join(path, "hf", "model.safetensors"))
         assert two.load_checkpoint(str(tmp_path / "ck")) == {"step": 2} and two.version() == 2
+        # rank 1 killed: rank 0's all-reduce fails too, but the error names the dead rank
+        from learner.group import LearnerDied
+
+        os.kill(two.pids[1], signal.SIGKILL)
+        with pytest.raises(LearnerDied, match=rf"learner rank 1 \(pid {two.pids[1]}\) died during train_step"):
+            two.train_step(make_batch())
         two.shutdown()
     finally:
         ray.shutdown()
