@@ -331,9 +331,10 @@ def _validate(cfg: DictConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
     _validate_ranges(cfg)
-    unknown = sorted(set(cfg.store.scorer_weights) - set(SCORERS))
+    unknown = sorted(set(cfg.store.scorer_weights) - set(SCORERS) | ({"combined"} & set(cfg.store.scorer_weights)))
     if unknown:
-        raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers; use names of {', '.join(SCORERS)}")
+        raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers; use names of "
+                          f"{', '.join(n for n in SCORERS if n != 'combined')}")
     if cfg.run_name is not None and not _RUN_NAME.fullmatch(cfg.run_name):
         raise ConfigError(f"run_name={cfg.run_name!r} must be a folder name (letters, digits, _ . = + , -; not starting "
                           "with a dot, no /)")
@@ -345,10 +346,6 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
     if not 0.0 <= cfg.learner.ref_ema < 1.0:
         raise ConfigError(f"learner.ref_ema={cfg.learner.ref_ema} must lie in [0, 1) (0: frozen base model as reference)")
-    for key in ("train.steps", "train.prompts_per_step", "train.samples_per_request", "task.horizon",
-                "learner.grad_accum_steps", "learner.world_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
     if cfg.model.path is not None and not os.path.isdir(os.path.expanduser(cfg.model.path)):
         raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a Hugging Face model folder or leave it unset to build the tiny base model")
 

@@ -201,7 +201,7 @@ def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rn
     extra = {"step": step, "rng": [version, list(internal), gauss], "wandb_id": wandb_id,
              "counters": {k: v for k, v in dataclasses.asdict(c).items() if k != "history"}}
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    path = comp.learner.save_checkpoint(ckpt_root, extra=extra, keep=cfg.train.keep_checkpoints, commit=False)
+    path = comp.learner.save_checkpoint(ckpt_root, extra=extra, commit=False)  # committed below, with the store
     comp.store.snapshot(os.path.join(path, "store"))
     write_history(run_dir, c.history)
     commit_checkpoint(ckpt_root, os.path.basename(path), keep=cfg.train.keep_checkpoints)
@@ -211,9 +211,10 @@ def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rn
 def restore_checkpoint(comp: Components, run_dir: str, rng: random.Random) -> tuple[Counters, int, str]:
     """Inverse of save_checkpoint for the latest checkpoint; the engines get the restored weights."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
+    from learner.learner import latest_tag
+
     extra = comp.learner.load_checkpoint(ckpt_root)
-    with open(os.path.join(ckpt_root, "latest")) as f:
-        comp.store.restore(os.path.join(ckpt_root, f.read().strip(), "store"))
+    comp.store.restore(os.path.join(ckpt_root, latest_tag(ckpt_root), "store"))
     version, internal, gauss = extra["rng"]
     rng.setstate((version, tuple(internal), gauss))
     c = Counters(**{k: v for k, v in extra["counters"].items()})
@@ -367,11 +368,12 @@ def component_died(e: Exception) -> str | None:
 
 def resume_hint(run_dir: str) -> str:
     """How to go on: resume from the last committed checkpoint, or start again when there is none."""
-    latest = os.path.join(run_dir, "checkpoints", "latest")
-    if not os.path.isfile(latest):
+    from learner.learner import CheckpointError, latest_tag
+
+    try:
+        step = int(latest_tag(os.path.join(run_dir, "checkpoints")).removeprefix("step"))
+    except CheckpointError:
         return "no checkpoint was written (set train.checkpoint_every); start the run again"
-    with open(latest) as f:
-        step = int(f.read().strip().removeprefix("step"))
     return (f"continue from its last checkpoint (update {step}; later steps are redone) with: "
             f"python -m launch.train resume={run_dir}")
 

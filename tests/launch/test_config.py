@@ -19,6 +19,7 @@ def test_defaults_and_override():
     (["store.scorer=magic"], "store.scorer='magic' is not valid; choose one of .*random"),
     (["model.path=/no/such/model"], "model.path='/no/such/model' does not exist"),
     (["nonsense"], "not of the form key=value"),
+    (["store.scorer_weights={combined: 1.0}"], "store.scorer_weights names combined, not scorers"),
 ])
 def test_bad_overrides_are_named(overrides, match):
     with pytest.raises(ConfigError, match=match):
