@@ -23,15 +23,10 @@ in `self.errors` until `pop_errors()`.
 `rollout.engine` picks the worker class: `sync` (`RolloutWorker`, vLLM's `LLM`)
 or `async` (`AsyncRolloutWorker`, vLLM's `AsyncLLM`; Ray runs it as an async
 actor, so calls to one actor overlap). The group's API is the same for both.
-
-`local=True` runs one worker in this process with the same API
-(tests, debugging); it has no routing and no fault recovery.
 """
 from __future__ import annotations
 
-import asyncio
 import sys
-import threading
 import time
 
 from actors.messages import Rollout, RolloutRequest
@@ -56,53 +51,19 @@ def worker_class(engine: str):
     raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}")
 
 
-class _Local:
-    """The in-process stand-in for a Ray actor handle: `handle.method.remote(...)` runs the call now.
-
-    Coroutine methods (the async worker) run on one event loop in a background thread, as Ray's async actors do,
-    so the engine's output handler keeps running between calls."""
-
-    class _Method:
-        def __init__(self, fn, owner):
-            self.fn, self.owner = fn, owner
-
-        def remote(self, *args, **kwargs):
-            out = self.fn(*args, **kwargs)
-            return self.owner._run(out) if asyncio.iscoroutine(out) else out
-
-    def __init__(self, worker):
-        self.worker = worker
-        self._loop = None
-
-    def _run(self, coro):
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, daemon=True, name="rollout-local-loop").start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name):
-        return self._Method(getattr(self.worker, name), self)
-
-
 class RolloutGroup:
-    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str] | None = None,
-                 local: bool = False):
-        self.cfg = rollout_cfg
-        self.local = local
-        worker_cls = worker_class(getattr(rollout_cfg, "engine", "sync"))
-        if local:
-            self.actors = [_Local(worker_cls(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
-                                             actor_id=0, seed=seed))]
-        else:
-            import ray
+    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str] | None = None):
+        import ray
 
-            actor_cls = ray.remote(worker_cls).options(
-                num_cpus=rollout_cfg.num_cpus_per_actor, num_gpus=rollout_cfg.num_gpus_per_actor,
-                max_restarts=getattr(rollout_cfg, "max_restarts", 3), max_task_retries=0,
-                runtime_env={"env_vars": {**(env_vars or {}), "VLLM_CPU_KVCACHE_SPACE": str(rollout_cfg.kv_cache_gib)}})
-            self.actors = [actor_cls.remote(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
-                                            actor_id=i, seed=seed + i) for i in range(rollout_cfg.num_actors)]
-            ray.get([a.get_version.remote() for a in self.actors])  # wait until every engine is up
+        self.cfg = rollout_cfg
+        worker_cls = worker_class(rollout_cfg.engine)
+        actor_cls = ray.remote(worker_cls).options(
+            num_cpus=rollout_cfg.num_cpus_per_actor, num_gpus=rollout_cfg.num_gpus_per_actor,
+            max_restarts=rollout_cfg.max_restarts, max_task_retries=0,
+            runtime_env={"env_vars": {**(env_vars or {}), "VLLM_CPU_KVCACHE_SPACE": str(rollout_cfg.kv_cache_gib)}})
+        self.actors = [actor_cls.remote(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
+                                        actor_id=i, seed=seed + i) for i in range(rollout_cfg.num_actors)]
+        ray.get([a.get_version.remote() for a in self.actors])  # wait until every engine is up
         self.root_owner: dict[str, int] = {}
         self.errors: list[RequestError] = []
         self.verifier_errors = 0
@@ -121,18 +82,13 @@ class RolloutGroup:
     # ----- generation -------------------------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None) -> list[Rollout]:
         """Rollouts of every servable request (each exactly once); bad requests go to `self.errors`."""
-        if self.local:
-            out = self.actors[0].generate.remote(requests, temperature=temperature)
-            self.errors += out.errors
-            self.verifier_errors += out.verifier_errors
-            return out.rollouts
         import ray
         from ray.exceptions import RayActorError
 
         rollouts: list[Rollout] = []
         todo, attempt = list(requests), 0
         while todo:
-            queues = route(todo, self._available(), self.root_owner, affinity=getattr(self.cfg, "affinity", True))
+            queues = route(todo, self._available(), self.root_owner, affinity=self.cfg.affinity)
             calls = [(i, q, self.actors[i].generate.remote(q, temperature=temperature, min_version=self._version))
                      for i, q in enumerate(queues) if q]
             todo = []
@@ -149,7 +105,7 @@ class RolloutGroup:
             if todo:
                 attempt += 1
                 self.retried_requests += len(todo)
-                if attempt > getattr(self.cfg, "request_retries", 2):
+                if attempt > self.cfg.request_retries:
                     raise RuntimeError(f"{len(todo)} requests failed on {attempt} actors in a row; giving up")
         return rollouts
 
@@ -171,10 +127,6 @@ class RolloutGroup:
         self._latest, self._version = (payload_ref, version), version
         import ray
 
-        if self.local:
-            self.actors[0].update_weights.remote(ray.get(payload_ref) if isinstance(payload_ref, ray.ObjectRef)
-                                                 else payload_ref, version)
-            return
         from ray.exceptions import RayActorError
 
         refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors) if i not in self.lost}
@@ -200,7 +152,7 @@ class RolloutGroup:
         import ray
         from ray.exceptions import RayActorError
 
-        lost_after = float(getattr(self.cfg, "actor_lost_after_s", 600.0))
+        lost_after = float(self.cfg.actor_lost_after_s)
         while True:
             failed = False
             for i, ref in list(self._syncing.items()):
@@ -222,7 +174,7 @@ class RolloutGroup:
             if len(self.lost) == len(self.actors):
                 raise RolloutActorLost(
                     f"every rollout actor died and none took the weights within rollout.actor_lost_after_s={lost_after:g} s "
-                    f"(rollout.max_restarts={getattr(self.cfg, 'max_restarts', 3)}); see the actors' logs under the Ray "
+                    f"(rollout.max_restarts={self.cfg.max_restarts}); see the actors' logs under the Ray "
                     "session folder")
             if failed:
                 time.sleep(0.5)  # a dead actor fails every call at once: do not spin
@@ -246,24 +198,18 @@ class RolloutGroup:
     def sequence_logprobs(self, token_ids: list[int], actor: int | None = None) -> list[float]:
         """log pi(x_t | x_<t) under actor `actor`'s weights (default: the first actor serving with the latest)."""
         if actor is None:
-            actor = 0 if self.local else self._available().index(True)
+            actor = self._available().index(True)
         return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
 
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])
 
     def _get(self, refs):
-        if self.local:
-            return refs
         import ray
 
         return ray.get(refs)
 
     def shutdown(self) -> None:
-        if self.local:
-            if hasattr(self.actors[0].worker, "shutdown"):  # the async engine's processes do not go with the GC
-                self.actors[0].worker.shutdown()
-            return
         import ray
 
         for a in self.actors:

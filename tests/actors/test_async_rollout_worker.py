@@ -138,12 +138,3 @@ def test_weight_update_waits_for_the_calls_in_flight_and_holds_new_ones():
     assert {r.policy_version for r in out1.rollouts} == {3} and out1.version == 3
     assert n == 3 and w.engine.loaded == [("load_weights_from_file", bytes(range(16)))]
     assert {r.policy_version for r in out2.rollouts} == {4} and w.version == 4
-
-
-def test_local_group_handle_runs_the_coroutines_on_one_background_loop():
-    from actors.group import _Local
-
-    handle = _Local(make_async_worker())
-    out = handle.generate.remote([req(0), req(1)])
-    assert len(out.rollouts) == 4 and handle.get_version.remote() == 3
-    assert len(handle.generate.remote([req(2)]).rollouts) == 2  # the same loop again (the gate is bound to it)
