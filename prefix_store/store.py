@@ -145,6 +145,9 @@ class PrefixStore:
             except RayActorError as e:
                 last = e
                 continue
+            except BaseException:  # e.g. an unreadable snapshot: do not leave the half-restored actor running
+                ray.kill(actor, no_restart=True)
+                raise
             self.shards[i] = actor
             self._count(shard_restarts=1, replayed_calls=len(self._log[i]),
                         replayed_inserts=sum(len(a[0]) for m, a in self._log[i] if m == "insert"))
