@@ -169,3 +169,21 @@ def test_rpc_fallback_bytes_of_every_payload_kind():
     assert payload_bytes(packed) == packed.tobytes() == payload_bytes(bytearray(packed.tobytes()))
     with pytest.raises(TypeError):
         bytes(packed)  # why the fallback needs payload_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seed", range(3))
+def test_nccl_buckets_pack_and_unpack_on_the_gpu(seed):
+    """The `nccl` path's buffers live on the GPU: a bucket packed there from GPU (learner) or CPU tensors reads
+    back exactly through views of the received buffer."""
+    state = random_state(seed)
+    plan = plan_buckets(state_metas(state), 4096)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    for source in ({k: v.to(cuda) for k, v in state.items()}, state):
+        got = {}
+        for b in plan:
+            flat = pack_bucket(b, source, device=cuda)
+            assert flat.is_cuda and flat.numel() == b.nbytes
+            got.update(unpack_bucket(b, flat))
+        assert all(got[k].is_cuda and got[k].dtype == v.dtype and torch.equal(got[k].cpu(), v) for k, v in state.items())
