@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     from bench.common import stamp, write_result
 
     name = args.name or ("gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap")
-    results: dict = {"runs": []}
+    results: dict = {"runs": [], "started": stamp()}  # the code that ran; the top-level stamp is taken at the end
     for i, (h, mode, seed, over) in enumerate(plan):
         cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *over])
         run_dir = os.path.join(args.out, f"h{h}_{mode}_s{seed}")
