@@ -249,9 +249,12 @@ def plot(results: dict, path: str) -> None:
                 med.append(statistics.median(reached))
                 lo.append(min(reached))
                 hi.append(max(reached))
+                if len(reached) < len(xs):  # how many seeds the point stands for
+                    ax.annotate(f"{len(reached)}/{len(xs)}", (h, med[-1]), textcoords="offset points", xytext=(5, -10),
+                                fontsize=7, color=f"C{k}")
         missed = [h for h in results["horizons"]
                   if any(r["H"] == h and r["mode"] == mode and r["tokens_to_0.5"] is None for r in results["runs"])]
-        line, = ax.plot(hs, med, marker="o", label=mode)
+        line, = ax.plot(hs, med, marker="o", label=mode, color=f"C{k}")
         if hs:
             ax.fill_between(hs, lo, hi, alpha=0.2, color=line.get_color())
         if missed:  # a seed that never reached 0.5: drawn at the budget
@@ -260,7 +263,8 @@ def plot(results: dict, path: str) -> None:
     ax.axhline(results["summary"]["budget_tokens"], ls="--", c="gray", lw=1, label="budget (x: a seed not reaching 0.5)")
     ax.set_yscale("log")
     ax.set_xlabel("horizon H")
-    ax.set_ylabel("generated tokens to held-out success 0.5\n(median of the seeds reaching it; band: min-max)", fontsize=8)
+    ax.set_ylabel("generated tokens to held-out success 0.5\n(median of the seeds reaching it; k/n seeds; band: min-max)",
+                  fontsize=7)
     ax.set_title(f"{results['date']} {results['commit']}", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
