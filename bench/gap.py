@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     plan = [] if args.variants_only else [(h, mode, seed, over) for h in horizons for mode, over in MODES.items()
                                           for seed in seed_ids]
     if (variants or args.variants_only or args.modes) and 8 in horizons:
-        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items()
-                 for seed in range(args.first_seed, args.first_seed + (args.variant_seeds or seeds))]
+        variant_seed_ids = seed_ids if args.variant_seeds is None else range(args.first_seed, args.first_seed + args.variant_seeds)
+        plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items() for seed in variant_seed_ids]
     if args.modes:
         unknown = set(args.modes) - set(MODES) - set(VARIANTS_H8)
         if unknown:

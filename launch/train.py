@@ -210,9 +210,9 @@ def save_checkpoint(comp: Components, cfg: Config, run_dir: str, c: Counters, rn
 
 def restore_checkpoint(comp: Components, run_dir: str, rng: random.Random) -> tuple[Counters, int, str]:
     """Inverse of save_checkpoint for the latest checkpoint; the engines get the restored weights."""
-    ckpt_root = os.path.join(run_dir, "checkpoints")
     from learner.learner import latest_tag
 
+    ckpt_root = os.path.join(run_dir, "checkpoints")
     extra = comp.learner.load_checkpoint(ckpt_root)
     comp.store.restore(os.path.join(ckpt_root, latest_tag(ckpt_root), "store"))
     version, internal, gauss = extra["rng"]
@@ -272,7 +272,7 @@ def loop(comp: Components, cfg: Config, run_dir: str, log, t_start: float, resum
             metrics, t_push = learn(comp, cfg, rollouts, c)
             metrics.update(step_metrics(rollouts, branch_points, comp.store.stats(), c))
             metrics["rollout/verifier_errors"] = comp.rollout.verifier_errors
-            metrics["rollout/actors_lost"] = len(getattr(comp.rollout, "lost", ()))
+            metrics["rollout/actors_lost"] = len(comp.rollout.lost)
             metrics.update({"timing/generate_s": t_gen, "timing/weight_push_s": t_push, "timing/step_s": time.time() - t0})
             if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
                 metrics["eval/heldout_success"], tok = evaluate(comp.rollout, comp.task, tc.eval_samples)
