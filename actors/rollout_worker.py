@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from actors.messages import Rollout, RolloutRequest
+from protocol.messages import Rollout, RolloutRequest
 from actors.tasks import make_task
-from prefix_store.scoring import entropy_from_topk
+from protocol.uncertainty import entropy_from_topk
 
 
 class RolloutRequestError(ValueError):

@@ -8,7 +8,7 @@ fewest samples queued in this call.
 """
 from __future__ import annotations
 
-from actors.messages import RolloutRequest
+from protocol.messages import RolloutRequest
 
 
 def route(requests: list[RolloutRequest], available: list[bool], owner: dict[str, int], *,

@@ -130,7 +130,7 @@ def throughput(actor, task, requests: int, reps: int) -> dict:
     """Interleaved repetitions: generate through the actor (timed at the driver) vs bare llm.generate (timed inside)."""
     import ray
 
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
 
     rng = random.Random(0)
     reqs = [RolloutRequest(request_id=i, root_id=task.root_id(p), prompt_ids=task.prompt_ids(p), n=4)
@@ -152,7 +152,7 @@ def throughput(actor, task, requests: int, reps: int) -> dict:
 def cache_hit_rate(group, affinity: bool, roots: int, seed: int, vocab: int) -> dict:
     """Step 1: root starts for `roots` random 40-token prompts; step 2: four single-sample branch requests per root
     re-entering a prefix of a step-1 rollout. Hit rate of step 2 (tokens served from the prefix cache / prompt+prefix tokens)."""
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
 
     rng = random.Random(seed)
     group.cfg = dataclasses.replace(group.cfg, affinity=affinity)

@@ -20,7 +20,7 @@ import tracemalloc
 
 import numpy as np
 
-from actors.messages import Rollout
+from protocol.messages import Rollout
 from prefix_store.tree import PrefixShard
 
 VOCAB = 32_000

@@ -1,4 +1,5 @@
-"""Print the dependency list of pyproject.toml (base + chosen extras), one per line.
+"""Print the dependency list of pyproject.toml (base + chosen extras), one per line;
+`--no-deps` prints the packages installed without their dependencies ([tool.graftrl] no_deps).
 
 The Makefile installs these into an environment kept outside the clone, so the
 repo's own packages are never copied into site-packages (they are run from the
@@ -10,7 +11,11 @@ import tomllib
 
 def main() -> None:
     with open("pyproject.toml", "rb") as f:
-        project = tomllib.load(f)["project"]
+        pyproject = tomllib.load(f)
+    project = pyproject["project"]
+    if sys.argv[1:] == ["--no-deps"]:  # packages installed without their declared dependencies
+        print("\n".join(pyproject["tool"]["graftrl"]["no_deps"]))
+        return
     extras = [e for e in sys.argv[1:] if e]
     deps = list(project["dependencies"])
     for extra in extras:

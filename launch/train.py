@@ -51,7 +51,7 @@ class Components:
 
 def make_requests(task, rng: random.Random, branch_points, *, prompts: int, n: int, step: int):
     """Root-start requests for fresh prompts plus one request per branch point (prefix re-entry)."""
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
 
     reqs = [RolloutRequest(request_id=step * 100_000 + i, root_id=bp.root_id, prompt_ids=bp.prompt_ids,
                            prefix_ids=bp.prefix_ids + ([bp.forced_token] if bp.forced_token >= 0 else []),
@@ -65,7 +65,7 @@ def make_requests(task, rng: random.Random, branch_points, *, prompts: int, n: i
 
 def evaluate(rollout_group, task, samples: int) -> tuple[float, int]:
     """Held-out root-start success: mean outcome reward of `samples` policy samples per held-out prompt."""
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
 
     reqs = [RolloutRequest(request_id=i, root_id=task.root_id(d), prompt_ids=task.prompt_ids(d), n=samples)
             for i, d in enumerate(task.heldout_prompts())]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.messages import Rollout
+from protocol.messages import Rollout
 from learner.objectives import sequence_advantages, soft_value_advantages
 
 

@@ -43,20 +43,6 @@ class Candidates:
     """max over the earlier positions u < t of the same path of surprise_u = max_a log pi(a | y_<u) - log pi(y_u | y_<u)."""
 
 
-def entropy_from_topk(topk_logprobs: list[float]) -> float:
-    """H ~= -sum_{i<=k} p_i log p_i - r log r,   r = 1 - sum_{i<=k} p_i.
-
-    The mass outside the top-k is counted as one bucket, so this is a lower
-    bound on the true entropy that is exact when k covers the support.
-    """
-    p = np.exp(np.asarray(topk_logprobs, dtype=np.float64))
-    h = float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
-    rest = max(0.0, 1.0 - float(p.sum()))
-    if rest > 1e-12:
-        h -= rest * np.log(rest)
-    return h
-
-
 def score_entropy(c: Candidates, rng: np.random.Generator) -> np.ndarray:
     """score = H(pi(. | y_<t)), estimated from the top-k logprobs."""
     return c.entropy

@@ -37,7 +37,7 @@ from contextlib import ExitStack
 import ray
 from ray.exceptions import RayActorError
 
-from actors.messages import BranchPoint, Rollout
+from protocol.messages import BranchPoint, Rollout
 from prefix_store.tree import PrefixShard
 
 REPLAYED = ("insert", "claim", "release")

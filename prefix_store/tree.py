@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.messages import BranchPoint, Rollout
+from protocol.messages import BranchPoint, Rollout
 from prefix_store.scoring import get_scorer
 
 BRANCH_ACTIONS = ("resample", "force")

@@ -44,7 +44,7 @@ def test_async_engine_rollouts_logprobs_after_a_push_and_bad_requests(setup):
     from safetensors.torch import load_file
 
     from actors.async_rollout_worker import AsyncRolloutWorker
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
     from actors.tasks import make_task
     from actors.weight_transport import pack_weights
     from launch.config import TaskConfig

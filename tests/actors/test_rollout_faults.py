@@ -23,14 +23,14 @@ def group():
 
 
 def reqs(k, start=0, n=4):
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
 
     return [RolloutRequest(request_id=start + i, root_id=f"r{(start + i) % 50}", prompt_ids=[1, 3 + i % 10, 5, 14],
                            n=n) for i in range(k)]
 
 
 def test_bad_requests_fail_alone(group):
-    from actors.messages import RolloutRequest
+    from protocol.messages import RolloutRequest
 
     bad = [RolloutRequest(request_id=900, root_id="x", prompt_ids=[1, 99], n=2),           # outside the vocabulary
            RolloutRequest(request_id=901, root_id="y", prompt_ids=[1] * 80, n=2),          # longer than the context

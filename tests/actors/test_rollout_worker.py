@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from actors.messages import RolloutRequest
+from protocol.messages import RolloutRequest
 from actors.rollout_worker import Generated, RolloutWorker, StaleWeights
 
 

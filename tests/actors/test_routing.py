@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from actors.messages import RolloutRequest
+from protocol.messages import RolloutRequest
 from actors.routing import route
 
 

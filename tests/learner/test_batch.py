@@ -1,6 +1,6 @@
 import torch
 
-from actors.messages import Rollout
+from protocol.messages import Rollout
 from learner.batch import build_train_batch, collate, token_logprobs
 
 

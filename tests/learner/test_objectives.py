@@ -219,7 +219,7 @@ def test_denom_makes_microbatches_sum_to_full_batch():
 
 def test_forced_token_is_context_and_gets_no_gradient():
     """A forced branch token is the last context token: masked out, zero gradient, its continuation trained."""
-    from actors.messages import Rollout
+    from protocol.messages import Rollout
     from learner.batch import build_train_batch, collate, token_logprobs
     r = Rollout(request_id=0, root_id="r", prompt_ids=[1, 5], prefix_ids=[4, 9], token_ids=[3, 2], logprobs=[-0.5, -0.5],
                 entropy=[0.0] * 2, top1_logprobs=[0.0] * 2, alt_token_ids=[-1] * 2, alt_logprobs=[-1e9] * 2,
@@ -238,7 +238,7 @@ def test_forced_token_is_context_and_gets_no_gradient():
 
 
 def test_soft_value_batch_from_rollouts():
-    from actors.messages import Rollout
+    from protocol.messages import Rollout
     from learner.batch import build_train_batch, collate
     mk = lambda toks, rew: Rollout(request_id=0, root_id="r", prompt_ids=[1], prefix_ids=[], token_ids=toks,  # noqa: E731
                                    logprobs=[-0.1] * len(toks), entropy=[0.0] * len(toks), top1_logprobs=[0.0] * len(toks),

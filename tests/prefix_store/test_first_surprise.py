@@ -2,7 +2,7 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from actors.messages import Rollout
+from protocol.messages import Rollout
 from prefix_store.tree import PoolCandidates, PrefixShard
 
 V = 8

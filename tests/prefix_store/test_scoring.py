@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from prefix_store.scoring import SCORERS, Candidates, entropy_from_topk, get_scorer
+from prefix_store.scoring import SCORERS, Candidates, get_scorer
+from protocol.uncertainty import entropy_from_topk
 
 
 def cands():

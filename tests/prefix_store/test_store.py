@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from actors.messages import Rollout
+from protocol.messages import Rollout
 from launch.config import StoreConfig
 from prefix_store.store import PrefixStore, shard_of
 

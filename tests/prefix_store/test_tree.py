@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from actors.messages import Rollout
+from protocol.messages import Rollout
 from prefix_store.tree import PrefixShard, StoreInputError, top_m
 
 V = 16

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.messages import BranchPoint, Rollout
+from protocol.messages import BranchPoint, Rollout
 
 ALPHABET = (4, 5, 6)
 LENGTH = 5  # continuation tokens (prefix + new) of every rollout
