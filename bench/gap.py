@@ -55,7 +55,7 @@ def run_one(rollout, model_dir: str, base_ref, cfg, run_dir: str, log) -> dict:
     import ray
 
     from launch.cluster import actor_env_vars
-    from launch.train import Components, loop, model_vocab_size
+    from launch.trainer import Components, Trainer, model_vocab_size
     from learner.group import LearnerGroup
     from prefix_store.store import PrefixStore
     from actors.tasks import make_task
@@ -70,7 +70,7 @@ def run_one(rollout, model_dir: str, base_ref, cfg, run_dir: str, log) -> dict:
     store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=tc.seed)
     comp = Components(task=make_task(cfg.task), rollout=rollout, store=store, learner=learner, model_dir=model_dir)
     try:
-        s = loop(comp, cfg, run_dir, log, t0, resume=False)
+        s = Trainer(comp, cfg, run_dir, log).run(t_start=t0)
     finally:
         learner.shutdown()
         for shard in store.shards:

@@ -217,6 +217,9 @@ class TrainConfig:
     """Stop early once the held-out success measured at an eval reaches this value (None: run all steps)."""
     eval_every: int = 10
     """Measure held-out success every this many steps (0: only before and after training)."""
+    log_every: int = 10
+    """Print one line of key metrics every this many steps (and after the first), for `ray job logs` and any
+    output that is not a terminal, where the progress bar is not shown; 0: never."""
     seed: int = 0
     """Base seed; each actor adds its index."""
 
@@ -277,7 +280,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "learner.weight_decay": 0, "learner.warmup_steps": 0, "learner.decay_steps": 0, "learner.num_cpus": 0,
     "learner.num_gpus": 0, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
-    "train.eval_every": 0, "ray.num_cpus": 1,
+    "train.eval_every": 0, "train.log_every": 0, "ray.num_cpus": 1,
 }
 _POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
 _AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 1.0, "rollout.gpu_memory_utilization": 1.0,
