@@ -251,6 +251,8 @@ class Trainer:
         self.timer = PhaseTimer()
         self.prefetcher = Prefetcher(self.generate)
         self.wandb_run = None
+        self.last_fresh_roots: list[str] = []
+        """Root ids of the fresh prompts of the last step, in order (kept in history.json, not sent to wandb)."""
 
     # ----- the phases of one step ------------------------------------------------------------------------------
     def select(self, step: int) -> StepPlan:
@@ -309,6 +311,7 @@ class Trainer:
         with t("push_weights"):
             self.push_weights()
         self.step = step + 1
+        self.last_fresh_roots = [r.root_id for r in plan.requests if r.branch_ref < 0]
         metrics.update(self.rollout_metrics(plan, gen.rollouts), **self.timer.pop())
         metrics["rollout/policy_lag_mean"] = _mean(behind)
         metrics["timing/step_s"] = time.perf_counter() - t0
@@ -425,7 +428,8 @@ class Trainer:
             if cfg.store.snapshot_every and step % cfg.store.snapshot_every == 0:
                 self.comp.store.snapshot(os.path.join(self.run_dir, "store"))
             run.log(metrics, step=step)
-            c.history.append({"step": step, "generated_tokens": c.generated_tokens, **metrics})
+            c.history.append({"step": step, "generated_tokens": c.generated_tokens, "fresh_roots": self.last_fresh_roots,
+                              **metrics})
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}", loss=f"{metrics.get('learner/loss', float('nan')):.3f}",
                             prefix=f"{metrics['tree/prefix_share']:.2f}")

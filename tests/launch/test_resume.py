@@ -1,4 +1,5 @@
-"""Ctrl-C writes a checkpoint and stops every process; `resume=runs/<id>` ends with the counts of an uninterrupted run."""
+"""Ctrl-C writes a checkpoint and stops every process; `resume=runs/<id>` ends with the counts and the prompt order of
+an uninterrupted run. The run is asynchronous, the harder case: a batch is in flight at every checkpoint."""
 import json
 import os
 import signal
@@ -8,6 +9,8 @@ import time
 
 import pytest
 
+from actors.tasks import ChainTask
+from launch.trainer import step_rng
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -45,7 +48,7 @@ def test_sigint_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     runs = tmp_path / "runs"
     args = [sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml", f"run_dir={runs}", "run_name=r",
             f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS}", f"train.samples_per_request={SAMPLES}",
-            "train.checkpoint_every=2"]
+            "train.checkpoint_every=2", "train.async_rollouts=true"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     run_dir = runs / "r"
@@ -74,6 +77,12 @@ def test_sigint_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     assert final["rollouts"] == STEPS * PROMPTS * SAMPLES
     history = json.loads((run_dir / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, STEPS + 1))
+    # the prompt order of an uninterrupted run: step s's fresh prompts are the first ones of its own stream
+    task = ChainTask(horizon=4, heldout_size=64, seed=0)
+    for h in history:
+        n = len(h["fresh_roots"])
+        assert h["fresh_roots"] == [task.root_id(p) for p in task.train_prompts(step_rng(0, h["step"] - 1), n)], h["step"]
+    assert sum(len(h["fresh_roots"]) for h in history) > STEPS  # roots were drawn fresh (not all branch re-entries)
 
 
 def test_resume_of_a_missing_run_is_one_line(tmp_path):
