@@ -68,6 +68,8 @@ class RolloutGroup:
         self.errors: list[RequestError] = []
         self.verifier_errors = 0
         """Samples whose verifier raised, scored 0 (cumulative)."""
+        self.last_engine_s = 0.0
+        """Seconds the last `generate` call spent inside the engines' own generate (the slowest actor of each round)."""
         self.retried_requests = 0
         """Requests re-sent to another actor after their actor died (cumulative)."""
         self.restarts_seen = 0
@@ -87,11 +89,12 @@ class RolloutGroup:
 
         rollouts: list[Rollout] = []
         todo, attempt = list(requests), 0
+        self.last_engine_s = 0.0
         while todo:
             queues = route(todo, self._available(), self.root_owner, affinity=self.cfg.affinity)
             calls = [(i, q, self.actors[i].generate.remote(q, temperature=temperature, min_version=self._version))
                      for i, q in enumerate(queues) if q]
-            todo = []
+            todo, round_engine_s = [], 0.0
             for i, q, ref in calls:
                 try:
                     out: Generated = ray.get(ref)
@@ -100,8 +103,10 @@ class RolloutGroup:
                     todo += q
                     continue
                 rollouts += out.rollouts
+                round_engine_s = max(round_engine_s, out.engine_s)
                 self.errors += out.errors
                 self.verifier_errors += out.verifier_errors
+            self.last_engine_s += round_engine_s  # actors run in parallel: a round takes its slowest engine
             if todo:
                 attempt += 1
                 self.retried_requests += len(todo)

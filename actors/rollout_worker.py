@@ -13,6 +13,7 @@ functions, shared with `actors.async_rollout_worker.AsyncRolloutWorker`
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from protocol.messages import Rollout, RolloutRequest
@@ -50,6 +51,8 @@ class Generated:
     """Policy version of the engine that served the call."""
     verifier_errors: int = 0
     """Samples whose verifier raised (scored 0) during this call."""
+    engine_s: float = 0.0
+    """Seconds spent inside the engine's generate calls (the rest of the call is this actor's own overhead)."""
 
 
 def _engine_dead(error: Exception) -> bool:
@@ -139,6 +142,8 @@ class WorkerBase:
         """Prompt + prefix tokens submitted to the engine (prefix-cache queries)."""
         self.cached_tokens = 0
         """Of those, tokens whose KV came from the prefix cache (hits)."""
+        self.engine_s = 0.0
+        """Seconds inside engine generate calls since the last `Generated` was returned."""
         self.task = make_task(task_cfg, tokenizer_dir=model_dir)
 
     def _check(self, req: RolloutRequest) -> None:
@@ -175,8 +180,9 @@ class WorkerBase:
                                      actor_id=self.actor_id)]
 
     def _generated(self, rollouts: list[Rollout], errors: list[RequestError]) -> Generated:
+        engine_s, self.engine_s = self.engine_s, 0.0
         return Generated(rollouts=rollouts, errors=errors, actor_id=self.actor_id, version=self.version,
-                         verifier_errors=self.task.pop_verifier_errors())
+                         verifier_errors=self.task.pop_verifier_errors(), engine_s=engine_s)
 
     def set_task(self, task_cfg, model_dir: str | None = None) -> None:
         """Score with another task from now on (benchmarks reuse one engine across horizons)."""
@@ -240,7 +246,9 @@ class RolloutWorker(WorkerBase):
         if not requests:
             return []
         prompts, params = zip(*(self._inputs(req, temperature) for req in requests))
+        t0 = time.perf_counter()
         outputs = self.llm.generate(list(prompts), list(params), use_tqdm=False)
+        self.engine_s += time.perf_counter() - t0
         for req, out in zip(requests, outputs):
             self._count(req, out)
         return outputs

@@ -91,6 +91,8 @@ class Generation:
     rollouts: list
     errors: list
     """Requests that could not be served (bad input); their branch points are released."""
+    engine_s: float = 0.0
+    """Of the generate call, the seconds inside the engines' own generate."""
 
 
 class PhaseTimer:
@@ -265,7 +267,7 @@ class Trainer:
 
     def generate(self, requests) -> Generation:
         rollouts = self.comp.rollout.generate(requests)
-        return Generation(rollouts, self.comp.rollout.pop_errors())
+        return Generation(rollouts, self.comp.rollout.pop_errors(), self.comp.rollout.last_engine_s)
 
     def insert(self, gen: Generation) -> None:
         self.comp.store.insert(gen.rollouts)
@@ -314,7 +316,11 @@ class Trainer:
         self.last_fresh_roots = [r.root_id for r in plan.requests if r.branch_ref < 0]
         metrics.update(self.rollout_metrics(plan, gen.rollouts), **self.timer.pop())
         metrics["rollout/policy_lag_mean"] = _mean(behind)
-        metrics["timing/step_s"] = time.perf_counter() - t0
+        metrics["timing/step_s"] = step_s = time.perf_counter() - t0
+        # what the step spends outside the engines' generate and the learner's forward/backward/optimizer step
+        # (async mode: generation overlaps the update, so this can be negative)
+        metrics["timing/engine_generate_s"] = gen.engine_s
+        metrics["timing/overhead_share"] = (step_s - gen.engine_s - metrics.get("learner/compute_s", 0.0)) / step_s
         return metrics
 
     def rollout_metrics(self, plan: StepPlan, rollouts) -> dict:

@@ -24,6 +24,7 @@ import socket
 import random
 import re
 import shutil
+import time
 
 from learner.batch import TrainBatch, collate, token_logprobs
 from learner.objectives import kl_penalised_rewards, policy_loss, sequence_advantages
@@ -177,7 +178,7 @@ class Learner:
         grad_accum_steps > 1 the losses are checked in a no-grad pass first,
         so no gradient is accumulated before the decision.
         """
-        torch = self.torch
+        torch, t0 = self.torch, time.perf_counter()
         counters = {"learner/rejected_batches": self.rejected_batches, "learner/skipped_steps": self.skipped_steps,
                     "learner/version": self.version}
         if len(batch) == 0 or not batch.is_finite():
@@ -219,7 +220,8 @@ class Learner:
         grad_norm = self.engine.get_global_grad_norm()
         return {**counters, "learner/version": self.version, **{f"learner/{k}": float(v) for k, v in zip(METRICS, sums)},
                 "learner/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "learner/tokens": n_tokens, "learner/lr": float(self.scheduler.get_last_lr()[0])}
+                "learner/tokens": n_tokens, "learner/lr": float(self.scheduler.get_last_lr()[0]),
+                "learner/compute_s": time.perf_counter() - t0}
 
     def _skip(self, counters: dict) -> dict[str, float]:
         self.skipped_steps += 1
