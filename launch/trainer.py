@@ -8,12 +8,14 @@
 
     select        the prefix store's best branch points + fresh prompts      (this thread)
     generate      rollouts of those requests from the vLLM actors            (waits for the prefetched batch in async mode)
-    insert        the rollouts into the store; failed requests release their branch points
+    insert        the rollouts into the store; failed requests release their branch points (in the background,
+                  beside the update, in synchronous mode unless the advantages read the store's soft values)
     prefetch      async mode: the next step's select, then its generation started in the background
     drop_stale    samples more than train.max_policy_lag updates old are dropped
     build_batch   advantages (and soft values) -> TrainBatch
     update        one KL-regularised learner update
     push_weights  the new weights to every rollout actor
+    store_wait    the background insert finished (the store's statistics for the step's metrics)
 
 `Trainer.run` owns the life cycle around it: resume, wandb, evaluations,
 progress lines, checkpoints, the final weight check, summary and plots.
@@ -252,6 +254,8 @@ class Trainer:
         """The learner's policy version (the update count it reports), kept here instead of asked for every step."""
         self.timer = PhaseTimer()
         self.prefetcher = Prefetcher(self.generate)
+        self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        """Runs the store insert beside the learner update (the store client is thread-safe)."""
         self.wandb_run = None
         self.last_fresh_roots: list[str] = []
         """Root ids of the fresh prompts of the last step, in order (kept in history.json, not sent to wandb)."""
@@ -269,10 +273,11 @@ class Trainer:
         rollouts = self.comp.rollout.generate(requests)
         return Generation(rollouts, self.comp.rollout.pop_errors(), self.comp.rollout.last_engine_s)
 
-    def insert(self, gen: Generation) -> None:
+    def insert(self, gen: Generation) -> dict:
+        """Store the rollouts, release the branch points of failed requests; the store's statistics after it."""
         self.comp.store.insert(gen.rollouts)
         self.comp.store.release([(e.root_id, e.branch_ref) for e in gen.errors if e.branch_ref >= 0])
-        self.counters.request_errors += len(gen.errors)
+        return self.comp.store.stats()
 
     def drop_stale(self, rollouts) -> list:
         fresh = [r for r in rollouts if self.version - r.policy_version <= self.cfg.train.max_policy_lag]
@@ -297,8 +302,11 @@ class Trainer:
             plan = prefetched[0] if prefetched else self.select(step)
         with t("generate"):
             gen = prefetched[1] if prefetched else self.generate(plan.requests)
-        with t("insert"):
-            self.insert(gen)
+        self.counters.request_errors += len(gen.errors)
+        with t("insert"):  # in the background, beside the update, unless the batch needs the store's new values
+            stored = self.store_thread.submit(self.insert, gen)
+            if self.cfg.train.async_rollouts or self.cfg.learner.advantage == "soft_value":
+                stored.result()
         if self.cfg.train.async_rollouts and step + 1 < self.cfg.train.steps:
             with t("prefetch"):
                 self.prefetcher.start(self.select(step + 1))
@@ -312,9 +320,11 @@ class Trainer:
         self.version = int(metrics.get("learner/version", self.version))
         with t("push_weights"):
             self.push_weights()
+        with t("store_wait"):
+            store_stats = stored.result()
         self.step = step + 1
         self.last_fresh_roots = [r.root_id for r in plan.requests if r.branch_ref < 0]
-        metrics.update(self.rollout_metrics(plan, gen.rollouts), **self.timer.pop())
+        metrics.update(self.rollout_metrics(plan, gen.rollouts, store_stats), **self.timer.pop())
         metrics["rollout/policy_lag_mean"] = _mean(behind)
         metrics["timing/step_s"] = step_s = time.perf_counter() - t0
         # what the step spends outside the engines' generate and the learner's forward/backward/optimizer step
@@ -323,13 +333,12 @@ class Trainer:
         metrics["timing/overhead_share"] = (step_s - gen.engine_s - metrics.get("learner/compute_s", 0.0)) / step_s
         return metrics
 
-    def rollout_metrics(self, plan: StepPlan, rollouts) -> dict:
+    def rollout_metrics(self, plan: StepPlan, rollouts, store_stats: dict) -> dict:
         c, branch_points = self.counters, plan.branch_points
         from_prefix = [r for r in rollouts if r.prefix_ids]
         c.rollouts += len(rollouts)
         c.rollouts_from_prefix += len(from_prefix)
         c.generated_tokens += sum(len(r.token_ids) for r in rollouts)
-        store_stats = self.comp.store.stats()
         return {
             "rollout/reward_mean": _mean([r.reward for r in rollouts]),
             "rollout/root_reward_mean": _mean([r.reward for r in rollouts if not r.prefix_ids]),
@@ -403,6 +412,7 @@ class Trainer:
             return self._run(resume, time.time() if t_start is None else t_start)
         finally:
             self.prefetcher.close()
+            self.store_thread.shutdown(wait=True)
 
     def _run(self, resume: bool, t_start: float) -> dict:
         import wandb
