@@ -159,9 +159,5 @@ class AsyncRolloutWorker(WorkerBase):
             prompt, params = sequence_inputs(token_ids)
             return sequence_logprobs_of(token_ids, await self._final(prompt, params))
 
-    async def engine_rpc(self, method: str, *args):
-        """Call a `WeightReceiver` method in every engine worker; the first worker's answer (benchmarks, debugging)."""
-        return (await self.engine.collective_rpc(method, args=args))[0]
-
     def shutdown(self) -> None:
         self.engine.shutdown()

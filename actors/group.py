@@ -23,6 +23,7 @@ in `self.errors` until `pop_errors()`.
 `rollout.engine` picks the worker class: `sync` (`RolloutWorker`, vLLM's `LLM`)
 or `async` (`AsyncRolloutWorker`, vLLM's `AsyncLLM`; Ray runs it as an async
 actor, so calls to one actor overlap). The group's API is the same for both.
+Benchmarks pass their own subclass (`worker_cls`, bench/workers.py).
 """
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ def worker_class(engine: str):
 
 
 class RolloutGroup:
-    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str] | None = None):
+    def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str] | None = None,
+                 worker_cls=None):
+        """worker_cls: the actor class (default: `worker_class(rollout_cfg.engine)`; benchmarks pass a subclass)."""
         import ray
 
         self.cfg = rollout_cfg
-        worker_cls = worker_class(rollout_cfg.engine)
+        worker_cls = worker_cls or worker_class(rollout_cfg.engine)
         actor_cls = ray.remote(worker_cls).options(
             num_cpus=rollout_cfg.num_cpus_per_actor, num_gpus=rollout_cfg.num_gpus_per_actor,
             max_restarts=rollout_cfg.max_restarts, max_task_retries=0,
@@ -197,9 +200,6 @@ class RolloutGroup:
               f"with {len(self.actors) - len(self.lost)} of {len(self.actors)} actors", file=sys.stderr, flush=True)
 
     # ----- misc ------------------------------------------------------------------------------------------------------
-    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
-        self._get([a.set_task.remote(task_cfg, model_dir) for a in self.actors])
-
     def sequence_logprobs(self, token_ids: list[int], actor: int | None = None) -> list[float]:
         """log pi(x_t | x_<t) under actor `actor`'s weights (default: the first actor serving with the latest)."""
         if actor is None:

@@ -184,10 +184,6 @@ class WorkerBase:
         return Generated(rollouts=rollouts, errors=errors, actor_id=self.actor_id, version=self.version,
                          verifier_errors=self.task.pop_verifier_errors(), engine_s=engine_s)
 
-    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
-        """Score with another task from now on (benchmarks reuse one engine across horizons)."""
-        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
-
     def get_version(self) -> int:
         return self.version
 
@@ -287,19 +283,3 @@ class RolloutWorker(WorkerBase):
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""
         prompt, params = sequence_inputs(token_ids)
         return sequence_logprobs_of(token_ids, self.llm.generate([prompt], params, use_tqdm=False)[0])
-
-    def engine_rpc(self, method: str, *args):
-        """Call a `WeightReceiver` method in every engine worker; the first worker's answer (benchmarks, debugging)."""
-        return self.llm.collective_rpc(method, args=args)[0]
-
-    def raw_generate(self, requests: list[RolloutRequest], temperature: float | None = None) -> tuple[int, float]:
-        """Baseline for bench/rollout.py: the same `llm.generate` call as `generate`, nothing around it.
-
-        Returns (generated tokens, seconds spent inside llm.generate)."""
-        import time
-
-        temperature = self.cfg.temperature if temperature is None else temperature
-        t0 = time.perf_counter()
-        outputs = self._engine_generate(requests, temperature)
-        dt = time.perf_counter() - t0
-        return sum(len(c.token_ids) for o in outputs for c in o.outputs), dt

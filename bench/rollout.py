@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     import ray
 
     from actors.group import RolloutGroup
+    from bench.workers import BenchRolloutWorker
     from actors.tasks import make_task
     from bench.common import write_result
     from launch.base_model import ensure_base_model
@@ -200,9 +201,10 @@ def main(argv=None) -> int:
     cfg = RolloutConfig(num_actors=2, block_size=32)
     env = actor_env_vars(cfg.kv_cache_gib)
     with ThreadPoolExecutor(2) as pool:
-        f_tiny = pool.submit(RolloutGroup, model_dir=tiny_dir, rollout_cfg=cfg, task_cfg=task_cfg, seed=0, env_vars=env)
+        f_tiny = pool.submit(RolloutGroup, model_dir=tiny_dir, rollout_cfg=cfg, task_cfg=task_cfg, seed=0, env_vars=env,
+                             worker_cls=BenchRolloutWorker)
         f_big = pool.submit(RolloutGroup, model_dir=big_dir, rollout_cfg=RolloutConfig(num_actors=1), task_cfg=task_cfg,
-                            seed=0, env_vars=env)
+                            seed=0, env_vars=env, worker_cls=BenchRolloutWorker)
         tiny, big = f_tiny.result(), f_big.result()
     t_up = time.time() - t_start
     print(f"[bench.rollout] engines up after {t_up:.0f}s", file=sys.stderr)

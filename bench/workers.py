@@ -1,0 +1,59 @@
+"""Rollout workers with the hooks only the benchmarks use; the served workers (actors/) do not carry them.
+
+    RolloutGroup(..., worker_cls=bench_worker_class(cfg.engine))   # then set_task(group, task_cfg), actor.raw_generate ...
+
+- `set_task`: score with another task from now on (bench/gap reuses one engine across horizons).
+- `engine_rpc`: call a `WeightReceiver` method in every engine worker (bench/rollout's `time_reload_from_file`).
+- `raw_generate` (sync engine): the bare `llm.generate` baseline of bench/rollout's actor-vs-raw ratio.
+"""
+from __future__ import annotations
+
+import time
+
+from actors.async_rollout_worker import AsyncRolloutWorker
+from actors.rollout_worker import RolloutWorker
+from actors.tasks import make_task
+
+
+class BenchRolloutWorker(RolloutWorker):
+    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
+        """Score with another task from now on (benchmarks reuse one engine across horizons)."""
+        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
+
+    def engine_rpc(self, method: str, *args):
+        """Call a `WeightReceiver` method in every engine worker; the first worker's answer."""
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    def raw_generate(self, requests, temperature: float | None = None) -> tuple[int, float]:
+        """The same `llm.generate` call as `generate`, nothing around it: (generated tokens, seconds inside it)."""
+        temperature = self.cfg.temperature if temperature is None else temperature
+        engine_s = self.engine_s  # not counted as a served call's engine time
+        t0 = time.perf_counter()
+        outputs = self._engine_generate(requests, temperature)
+        dt = time.perf_counter() - t0
+        self.engine_s = engine_s
+        return sum(len(c.token_ids) for o in outputs for c in o.outputs), dt
+
+
+class BenchAsyncRolloutWorker(AsyncRolloutWorker):
+    def set_task(self, task_cfg, model_dir: str | None = None) -> None:
+        """Score with another task from now on."""
+        self.task = make_task(task_cfg, tokenizer_dir=model_dir)
+
+    async def engine_rpc(self, method: str, *args):
+        """Call a `WeightReceiver` method in every engine worker; the first worker's answer."""
+        return (await self.engine.collective_rpc(method, args=args))[0]
+
+
+def bench_worker_class(engine: str = "sync"):
+    """The benchmark worker class of `rollout.engine`."""
+    if engine not in ("sync", "async"):
+        raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of sync, async")
+    return BenchRolloutWorker if engine == "sync" else BenchAsyncRolloutWorker
+
+
+def set_task(group, task_cfg, model_dir: str | None = None) -> None:
+    """Every actor of a `RolloutGroup` built with a bench worker class scores with `task_cfg` from now on."""
+    import ray
+
+    ray.get([a.set_task.remote(task_cfg, model_dir) for a in group.actors])
