@@ -20,7 +20,8 @@ import contextlib
 import itertools
 
 from protocol.messages import RolloutRequest
-from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, sequence_inputs, sequence_logprobs_of)
+from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, init_request, sequence_inputs,
+                                   sequence_logprobs_of, update_request)
 
 
 class VersionGate:
@@ -53,18 +54,26 @@ class VersionGate:
         except TimeoutError:
             pass
 
-    @contextlib.asynccontextmanager
-    async def updating(self):
+    async def begin_update(self) -> None:
+        """Take the writer's side: wait for another update to end, hold new calls back, wait for the calls in flight."""
         async with self._cond:
             await self._cond.wait_for(lambda: not self._updating)
             self._updating = True
             await self._cond.wait_for(lambda: self._active == 0)
+
+    async def end_update(self) -> None:
+        """Let calls in again (idempotent)."""
+        async with self._cond:
+            self._updating = False
+            self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def updating(self):
+        await self.begin_update()
         try:
             yield
         finally:
-            async with self._cond:
-                self._updating = False
-                self._cond.notify_all()
+            await self.end_update()
 
 
 class AsyncRolloutWorker(WorkerBase):
@@ -139,19 +148,45 @@ class AsyncRolloutWorker(WorkerBase):
             self.version = version
             return n
 
-    async def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
-        """`nccl` transport (GPU): every engine worker joins the learner's NCCL group; their ranks."""
-        return await self.engine.collective_rpc("nccl_init", args=(master_address, master_port, rank_offset, world_size))
+    # ----- vLLM weight transfer (rollout.weight_transport nccl / ipc; actors.weight_sync drives it) -----
+    def engine_workers(self) -> int:
+        """Worker processes of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
+        return self.engine.vllm_config.parallel_config.world_size
 
-    async def nccl_receive(self, plan, version: int) -> int:
-        """`nccl` transport: receive the buckets the learner broadcasts, reload, reset the prefix cache."""
-        from actors.weight_transport import plan_to_wire
+    async def transfer_init(self, init_info: dict) -> None:
+        """vLLM's `init_weight_transfer_engine` (nccl: blocks until learner rank 0 joins the group)."""
+        await self.engine.init_weight_transfer_engine(init_request(init_info))
 
-        async with self.gate.updating():
-            n = (await self.engine.collective_rpc("nccl_receive", args=(plan_to_wire(plan),)))[0]
+    async def transfer_start(self) -> None:
+        """Once the calls in flight have finished, vLLM's `start_weight_update`; new calls wait until
+        `transfer_finish` (the gate spans the three calls of a transfer)."""
+        await self.gate.begin_update()
+        try:
+            await self.engine.start_weight_update()
+        except BaseException:
+            await self.gate.end_update()
+            raise
+
+    async def transfer_update(self, update_info) -> None:
+        """vLLM's `update_weights`: receive one update (nccl: the learner broadcasts meanwhile) and load it."""
+        try:
+            await self.engine.update_weights(update_request(update_info))
+        except BaseException:
+            await self.gate.end_update()  # vLLM ends the update session on a failed chunk
+            raise
+
+    async def transfer_finish(self, version: int) -> int:
+        """vLLM's `finish_weight_update`, prefix cache reset, the learner's version adopted; calls go on."""
+        try:
+            await self.engine.finish_weight_update()
             await self.engine.reset_prefix_cache()
             self.version = version
-            return n
+        finally:
+            await self.gate.end_update()
+        return version
+
+    async def transfer_shutdown(self) -> None:
+        await self.engine.shutdown_weight_transfer_engine()
 
     async def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""

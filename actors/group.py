@@ -24,10 +24,15 @@ in `self.errors` until `pop_errors()`.
 or `async` (`AsyncRolloutWorker`, vLLM's `AsyncLLM`; Ray runs it as an async
 actor, so calls to one actor overlap). The group's API is the same for both.
 Benchmarks pass their own subclass (`worker_cls`, bench/workers.py).
+
+Weights: `sync_weights(learner_group, version)` pushes by `rollout.weight_transport` (`actors.weight_sync`);
+`update_weights(payload_ref, version)` is the object-store push itself.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
 
 from protocol.messages import Rollout, RolloutRequest
@@ -83,10 +88,25 @@ class RolloutGroup:
         self._down_since: dict[int, float] = {}  # actor index -> when it died (cleared when a sync lands)
         self.lost: set[int] = set()
         """Actors given up on (no sync landed within `actor_lost_after_s` of their death); never routed to again."""
+        self._init_weight_state()
+
+    def _init_weight_state(self) -> None:
+        """What the vLLM weight transports add (kept apart so tests can build a group without actors)."""
+        from actors.weight_transport import TRANSPORTS
+
+        self._latest_fn = None  # after a vLLM-engine transfer: fetches an object-store copy for a re-sync
+        self._weight_sync = None  # actors.weight_sync.WeightSync, made by the first sync_weights
+        self._push_lock = threading.RLock()
+        self._exclusive = TRANSPORTS[getattr(self.cfg, "weight_transport", "object_store")].vllm_backend is not None
+        """A push is three calls per actor (start, update, finish): generate calls wait until it is done."""
 
     # ----- generation -------------------------------------------------------------------------------------------
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None) -> list[Rollout]:
         """Rollouts of every servable request (each exactly once); bad requests go to `self.errors`."""
+        with self._serving():
+            return self._generate(requests, temperature)
+
+    def _generate(self, requests: list[RolloutRequest], temperature: float | None) -> list[Rollout]:
         import ray
         from ray.exceptions import RayActorError
 
@@ -129,10 +149,48 @@ class RolloutGroup:
         return {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else 0.0}
 
     # ----- weights -------------------------------------------------------------------------------------------------
+    def sync_weights(self, learner, version: int) -> None:
+        """Push `learner`'s (a `LearnerGroup`) current weights to every actor by `rollout.weight_transport`; they
+        serve as policy `version` afterwards. object_store: `update_weights(learner.async_weights(zero_copy=True),
+        version)`; nccl / ipc: vLLM's weight-transfer engines (`actors.weight_sync.WeightSync`)."""
+        from actors.weight_sync import WeightSync
+
+        if self._weight_sync is None or self._weight_sync.learner is not learner:
+            self._weight_sync = WeightSync(self, learner, getattr(self.cfg, "weight_transport", "object_store"),
+                                           getattr(self.cfg, "weight_bucket_mb", 256))
+        self._weight_sync.push(version)
+
+    @contextlib.contextmanager
+    def pushing(self):
+        """Held by a vLLM-engine push: generate and sequence_logprobs wait until the transfer is done."""
+        with self._push_lock:
+            yield
+
+    def _serving(self):
+        return self._push_lock if self._exclusive else contextlib.nullcontext()
+
+    def live_actors(self) -> list:
+        """Handles of the actors not given up on, in actor order."""
+        return [a for i, a in enumerate(self.actors) if i not in self.lost]
+
+    def engine_workers(self, actors: list) -> list[int]:
+        """Engine worker processes of each of `actors` (their ranks in a weight-transfer group)."""
+        return self._get([a.engine_workers.remote() for a in actors])
+
+    def transferred(self, version: int, payload_fn) -> None:
+        """A push that went around `update_weights` (vLLM's transfer engines) landed on every live actor.
+
+        payload_fn(): an object-store payload (ref) of the learner's weights; called only if a restarted actor needs
+        re-syncing before the next push (the learner may have moved on by one update in the async mode: the actor
+        then serves those weights under `version`, until the next push)."""
+        self._version, self._latest, self._latest_fn = version, None, payload_fn
+        self._syncing.clear()
+        self._down_since.clear()
+
     def update_weights(self, payload_ref, version: int) -> None:
         """Every actor loads the same object-store copy of the weights (`PackedWeights` or safetensors bytes, or a
         ref of either); resets its prefix cache."""
-        self._latest, self._version = (payload_ref, version), version
+        self._latest, self._version, self._latest_fn = (payload_ref, version), version, None
         import ray
 
         from ray.exceptions import RayActorError
@@ -152,6 +210,8 @@ class RolloutGroup:
         if died:
             self._down_since.setdefault(i, time.monotonic())
         a = self.actors[i]
+        if self._latest is None and self._latest_fn is not None:  # the last push went by a vLLM transfer engine
+            self._latest = (self._latest_fn(), self._version)
         self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
                             else a.get_version.remote())
 
@@ -202,9 +262,10 @@ class RolloutGroup:
     # ----- misc ------------------------------------------------------------------------------------------------------
     def sequence_logprobs(self, token_ids: list[int], actor: int | None = None) -> list[float]:
         """log pi(x_t | x_<t) under actor `actor`'s weights (default: the first actor serving with the latest)."""
-        if actor is None:
-            actor = self._available().index(True)
-        return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
+        with self._serving():
+            if actor is None:
+                actor = self._available().index(True)
+            return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
 
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])

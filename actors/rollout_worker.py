@@ -61,11 +61,29 @@ def _engine_dead(error: Exception) -> bool:
 
 
 def engine_kwargs(model_dir: str, rollout_cfg, seed: int) -> dict:
-    """Arguments of `vllm.LLM` / `AsyncEngineArgs` (the same engine settings for both variants)."""
+    """Arguments of `vllm.LLM` / `AsyncEngineArgs` (the same engine settings for both variants); a vLLM weight
+    transport (`rollout.weight_transport` nccl / ipc) adds vLLM's `weight_transfer_config`."""
+    from actors.weight_transport import engine_transfer_kwargs
+
     return dict(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
                 gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True, seed=seed,
                 worker_extension_cls="actors.weight_receiver.WeightReceiver",
-                **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}))
+                **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}),
+                **engine_transfer_kwargs(getattr(rollout_cfg, "weight_transport", "object_store")))
+
+
+def init_request(init_info: dict):
+    """vLLM's `WeightTransferInitRequest` (what `LLM` and `AsyncLLM.init_weight_transfer_engine` take)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+    return WeightTransferInitRequest(init_info=init_info)
+
+
+def update_request(update_info):
+    """vLLM's `WeightTransferUpdateRequest` (what `LLM` and `AsyncLLM.update_weights` take)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+    return WeightTransferUpdateRequest(update_info=update_info)
 
 
 def check_request(req: RolloutRequest, *, vocab_size: int, max_len: int) -> None:
@@ -207,6 +225,8 @@ class RolloutWorker(WorkerBase):
         from vllm import LLM
 
         self.llm = LLM(**engine_kwargs(model_dir, rollout_cfg, seed))
+        self.transferring = False
+        """Between `transfer_start` and `transfer_finish` (a vLLM weight transfer): the model is half loaded."""
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -219,6 +239,9 @@ class RolloutWorker(WorkerBase):
         `StaleWeights` when this engine's version is below `min_version` (a
         restarted actor that has not received the current weights yet).
         """
+        if getattr(self, "transferring", False):
+            raise RuntimeError(f"actor {self.actor_id}: generate during a weight transfer (between transfer_start "
+                               "and transfer_finish); the rollout group holds generate calls back during a push")
         good, errors = self._split(requests, min_version)
         temperature = self.cfg.temperature if temperature is None else temperature
         try:
@@ -266,18 +289,45 @@ class RolloutWorker(WorkerBase):
         self.version = version
         return n
 
-    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> list[int]:
-        """`nccl` transport (GPU): every engine worker joins the learner's NCCL group; their ranks."""
-        return self.llm.collective_rpc("nccl_init", args=(master_address, master_port, rank_offset, world_size))
+    # ----- vLLM weight transfer (rollout.weight_transport nccl / ipc; actors.weight_sync drives it) -----
+    def engine_workers(self) -> int:
+        """Worker processes of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
-    def nccl_receive(self, plan, version: int) -> int:
-        """`nccl` transport: receive the buckets the learner broadcasts, reload, reset the prefix cache."""
-        from actors.weight_transport import plan_to_wire
+    def transfer_init(self, init_info: dict) -> None:
+        """vLLM's `init_weight_transfer_engine` (nccl: blocks until learner rank 0 joins the group)."""
+        self.llm.init_weight_transfer_engine(init_request(init_info))
 
-        n = self.llm.collective_rpc("nccl_receive", args=(plan_to_wire(plan),))[0]
-        self.llm.reset_prefix_cache()
-        self.version = version
-        return n
+    def transfer_start(self) -> None:
+        """vLLM's `start_weight_update` (layerwise reload begins); `generate` refuses until `transfer_finish`."""
+        self.transferring = True
+        try:
+            self.llm.start_weight_update()
+        except BaseException:
+            self.transferring = False
+            raise
+
+    def transfer_update(self, update_info) -> None:
+        """vLLM's `update_weights`: receive one update (nccl: the learner broadcasts meanwhile) and load it."""
+        try:
+            self.llm.update_weights(update_request(update_info))
+        except BaseException:
+            self.transferring = False  # vLLM ends the update session on a failed chunk
+            raise
+
+    def transfer_finish(self, version: int) -> int:
+        """vLLM's `finish_weight_update` (layerwise reload finalised), then as after `update_weights`: the prefix
+        cache is reset and the learner's version adopted."""
+        try:
+            self.llm.finish_weight_update()
+            self.llm.reset_prefix_cache()
+            self.version = version
+        finally:
+            self.transferring = False
+        return version
+
+    def transfer_shutdown(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""

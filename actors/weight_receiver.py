@@ -1,4 +1,5 @@
-"""vLLM worker extension that loads new policy weights (safetensors format: a /dev/shm file, or bytes).
+"""vLLM worker extension that loads new policy weights (safetensors format: a /dev/shm file, or bytes): the
+`object_store` transport's engine side. (The `nccl` / `ipc` transports use vLLM's own worker methods instead.)
 
 vLLM instantiates this mixin inside each engine worker process
 (`LLM(worker_extension_cls="actors.weight_receiver.WeightReceiver")`) and the
@@ -64,28 +65,3 @@ class WeightReceiver:
         t0 = time.perf_counter()
         self.model_runner.reload_weights(weights_iterator=iter(state.items()))
         return time.perf_counter() - t0
-
-    # ----- `nccl` transport (GPU only; see actors/weight_transport.py) -----
-    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> int:
-        """Join the learner's NCCL group (blocks until learner rank 0 joins too); returns this worker's rank."""
-        from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_process_group
-
-        info = NCCLWeightTransferInitInfo(master_address=master_address, master_port=master_port,
-                                          rank_offset=rank_offset, world_size=world_size)
-        self.graftrl_comm = worker_init_process_group(info, self.vllm_config.parallel_config)
-        return self.graftrl_comm.rank
-
-    def nccl_receive(self, wire_plan: list) -> int:
-        """Receive every bucket of the plan by broadcast from rank 0, then reload all tensors at once."""
-        import torch
-
-        from actors.weight_transport import plan_from_wire, unpack_bucket
-
-        weights = []
-        for bucket in plan_from_wire(wire_plan):
-            flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
-            self.graftrl_comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-            weights += unpack_bucket(bucket, flat)
-        torch.cuda.current_stream().synchronize()
-        self.model_runner.reload_weights(weights_iterator=iter(weights))
-        return len(weights)

@@ -1,23 +1,28 @@
 """Weight transport: how the learner's new weights reach every rollout engine, picked by `rollout.weight_transport`.
 
-    object_store  CPU and GPU. The learner returns its parameters as `PackedWeights` (safetensors header +
+`TRANSPORTS` is the registry of the names that field accepts (launch/config.py validates against it, with
+`check_transport`):
+
+    object_store  CPU and GPU; ours. The learner returns its parameters as `PackedWeights` (safetensors header +
                   uint8 views of the tensors, `pack_weights`): Ray copies them once into the object store, and
                   every actor's `update_weights(ref, version)` reads that one copy without copying it again (numpy
                   arrays come out of the object store zero-copy; `bytes` would be copied per reader), writes it as a
                   safetensors file in /dev/shm (`staged_in_shm`), and the engine workers map the file and reload
                   from views (`safetensors_views`; `actors.weight_receiver.WeightReceiver.load_weights_from_file`).
-                  Plain safetensors bytes are accepted too.
-    nccl          GPU clusters. Learner rank 0 and every engine worker join one NCCL group (vLLM's
-                  `StatelessProcessGroup` + `PyNcclCommunicator`, from vllm.distributed.weight_transfer). Tensors
-                  are packed into byte buckets of ~`weight_bucket_mb`; the bucket plan (names, shapes, dtypes,
-                  offsets) goes to the actors through Ray, the bytes go by one NCCL broadcast per bucket, and
-                  every worker unpacks views and calls the same `reload_weights` as the CPU path.
+                  Plain safetensors bytes are accepted too. Has run on CPU (tests, every training run here).
+    nccl          GPU only: vLLM's own `nccl` weight-transfer backend (`NCCLTrainerWeightTransferEngine` on learner
+                  rank 0, `NCCLWeightTransferEngine` in every engine worker; packed broadcasts from GPU memory,
+                  layerwise reload). Across nodes.
+    ipc           GPU only: vLLM's `ipc` backend (CUDA IPC handles of the learner's GPU tensors; no copy through
+                  the host). Every engine must share a GPU with a learner rank (fractional `num_gpus`).
 
-This module owns the transport choice, the safetensors packing and zero-copy views, the /dev/shm staging, the
-bucket plan and the packing (pure torch, unit-tested on CPU: tests/actors/test_weight_transport.py) and the
-sender side of the NCCL path. It does not own the learner's
-process group or its parameter gathering (ZeRO-3 must gather before `NcclSender.send`). The NCCL path has not
-run here (no GPU on these machines): see docs/ROLLOUT.md for what must be checked on a GPU.
+How a push runs for each is `actors.weight_sync.WeightSync`. The vLLM backends have NOT run on a GPU in this
+project; their call sequence is tested on CPU against vLLM's own trainer-side engines with the CUDA parts stubbed
+(tests/actors/test_weight_sync.py).
+
+This module owns the registry, the vLLM config/init-info objects of the vLLM backends, the safetensors packing and
+zero-copy views and the /dev/shm staging (pure, unit-tested on CPU: tests/actors/test_weight_transport.py). It
+imports vLLM only inside the functions that need it (launch/config.py imports this module).
 """
 from __future__ import annotations
 
@@ -27,93 +32,67 @@ import os
 import struct
 from dataclasses import dataclass
 
-TRANSPORTS = ("object_store", "nccl")
 
 
 @dataclass(frozen=True)
-class TensorMeta:
-    """Where one tensor lies inside its bucket."""
+class Transport:
     name: str
-    """Hugging Face parameter name."""
-    shape: tuple[int, ...]
-    dtype: str
-    """torch dtype name without the `torch.` prefix (float32, bfloat16, ...)."""
-    offset: int
-    """Byte offset inside the bucket (a multiple of ALIGN)."""
-    nbytes: int
+    vllm_backend: str | None
+    """Key of vLLM's `WeightTransferEngineFactory` / `WeightTransferTrainerFactory`; None: our object-store path."""
+    needs_gpu: bool
+    """Engines and learner must hold GPUs (rollout.num_gpus_per_actor > 0 and learner.num_gpus > 0)."""
+    shares_gpu: bool = False
+    """Engine and learner tensors live on the same GPU (CUDA IPC): the two may not both take a whole GPU."""
 
 
-@dataclass(frozen=True)
-class Bucket:
-    tensors: tuple[TensorMeta, ...]
-    nbytes: int
-    """Size of the packed uint8 buffer (ALIGN-padded)."""
+TRANSPORTS: dict[str, Transport] = {t.name: t for t in (
+    Transport("object_store", None, needs_gpu=False),
+    Transport("nccl", "nccl", needs_gpu=True),
+    Transport("ipc", "ipc", needs_gpu=True, shares_gpu=True),
+)}
 
 
-ALIGN = 256
-"""Byte alignment of every tensor inside a bucket (safe for any dtype's views, and for GPU kernels)."""
+def check_transport(name: str, *, rollout_gpus: float = 0.0, learner_gpus: float = 0.0) -> Transport:
+    """The transport called `name`; ValueError (one line) if there is none, or if the run's GPUs cannot carry it."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"rollout.weight_transport={name!r} is not valid; choose one of {', '.join(TRANSPORTS)}")
+    t = TRANSPORTS[name]
+    if t.needs_gpu and (rollout_gpus <= 0 or learner_gpus <= 0):
+        raise ValueError(f"rollout.weight_transport={name} needs GPUs on both sides (vLLM's {t.vllm_backend} weight "
+                         f"transfer moves CUDA tensors), but rollout.num_gpus_per_actor={rollout_gpus:g} and "
+                         f"learner.num_gpus={learner_gpus:g}; use object_store on CPU")
+    if t.shares_gpu and rollout_gpus + learner_gpus > 1:
+        raise ValueError(f"rollout.weight_transport={name} shares one GPU between an engine and a learner rank (CUDA "
+                         f"IPC), but rollout.num_gpus_per_actor={rollout_gpus:g} + learner.num_gpus={learner_gpus:g} "
+                         "> 1; give each a fraction, or use nccl")
+    return t
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def engine_transfer_kwargs(name: str) -> dict:
+    """Extra `vllm.LLM` / `AsyncEngineArgs` arguments of a transport: vLLM builds its weight-transfer engine in every
+    worker when `weight_transfer_config` is set (at model load), and refuses the transfer calls otherwise."""
+    t = TRANSPORTS[name]
+    return {"weight_transfer_config": {"backend": t.vllm_backend}} if t.vllm_backend else {}
 
 
-def plan_buckets(metas: list[tuple[str, tuple[int, ...], str, int]], bucket_bytes: int) -> list[Bucket]:
-    """Group tensors, in the given order, into buckets of at most `bucket_bytes` (aligned).
+def trainer_init_info(name: str, *, rank: int, world_size: int, master_address: str | None, master_port: int | None,
+                      buffer_bytes: int):
+    """vLLM's trainer-side init info of a vLLM backend, for `WeightTransferTrainerFactory.trainer_init`.
 
-    metas: (name, shape, dtype name, nbytes) per tensor. A tensor larger than `bucket_bytes` gets a bucket of its
-    own. Order is kept, so sender and receivers derive the same plan from the same list.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes={bucket_bytes} must be > 0")
-    buckets, cur, size = [], [], 0
-    for name, shape, dtype, nbytes in metas:
-        if cur and size + _align(nbytes) > bucket_bytes:
-            buckets.append(Bucket(tuple(cur), size))
-            cur, size = [], 0
-        cur.append(TensorMeta(name, tuple(int(s) for s in shape), dtype, size, int(nbytes)))
-        size += _align(nbytes)
-    if cur:
-        buckets.append(Bucket(tuple(cur), size))
-    return buckets
+    nccl: learner rank 0 is NCCL rank 0 of a group of `world_size` (1 + every engine worker), rendezvous at
+    master_address:master_port; packed broadcasts through buffers of `buffer_bytes` (rollout.weight_bucket_mb).
+    ipc: no rendezvous; unpacked (vLLM's default), one IPC handle per tensor."""
+    backend = TRANSPORTS[name].vllm_backend
+    if backend == "nccl":
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
+        return NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
+                                   packed=True, packed_buffer_size_bytes=buffer_bytes, rank=rank)
+    if backend == "ipc":
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
-def state_metas(state) -> list[tuple[str, tuple[int, ...], str, int]]:
-    """(name, shape, dtype name, nbytes) of every tensor of a state dict (or an iterable of (name, tensor))."""
-    items = state.items() if hasattr(state, "items") else state
-    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch."), v.numel() * v.element_size()) for k, v in items]
-
-
-def pack_bucket(bucket: Bucket, state, device=None):
-    """One flat uint8 tensor holding the bucket's tensors at their offsets. (nbytes,)"""
-    import torch
-
-    flat = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-    for m in bucket.tensors:
-        t = state[m.name]
-        if list(t.shape) != list(m.shape) or str(t.dtype).removeprefix("torch.") != m.dtype:
-            raise ValueError(f"tensor {m.name}: {tuple(t.shape)} {t.dtype} does not match the plan {m.shape} {m.dtype}")
-        flat[m.offset: m.offset + m.nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-    return flat
-
-
-def unpack_bucket(bucket: Bucket, flat) -> list[tuple[str, object]]:
-    """(name, tensor) views into `flat`, in plan order; no copies."""
-    import torch
-
-    out = []
-    for m in bucket.tensors:
-        out.append((m.name, flat[m.offset: m.offset + m.nbytes].view(getattr(torch, m.dtype)).view(m.shape)))
-    return out
-
-
-def plan_to_wire(plan: list[Bucket]) -> list:
-    """Plain lists (msgspec-safe: the plan crosses vLLM's collective_rpc boundary)."""
-    return [[b.nbytes, [[m.name, list(m.shape), m.dtype, m.offset, m.nbytes] for m in b.tensors]] for b in plan]
-
-
-def plan_from_wire(wire: list) -> list[Bucket]:
-    return [Bucket(tuple(TensorMeta(n, tuple(s), d, o, nb) for n, s, d, o, nb in ts), nbytes) for nbytes, ts in wire]
+        return IPCTrainerInitInfo(packed=False, packed_buffer_size_bytes=buffer_bytes, rank=rank)
+    raise ValueError(f"rollout.weight_transport={name!r} is not a vLLM weight-transfer backend")
 
 
 # ----- safetensors format: packing without a serialiser in between, reading without copies ---------------------------
@@ -233,68 +212,3 @@ def payload_bytes(payload) -> bytes:
     return payload.tobytes() if isinstance(payload, PackedWeights) else bytes(payload)
 
 
-def check_transport(name: str) -> str:
-    if name not in TRANSPORTS:
-        raise ValueError(f"rollout.weight_transport={name!r} is not valid; choose one of {', '.join(TRANSPORTS)}")
-    return name
-
-
-def nccl_world(engines_per_actor: list[int]) -> tuple[int, list[int]]:
-    """NCCL world size (learner rank 0 + every engine worker) and each actor's rank offset (its first worker's rank).
-
-    engines_per_actor[i]: tensor-parallel x pipeline-parallel size of actor i's engine."""
-    offsets, rank = [], 1
-    for n in engines_per_actor:
-        if n < 1:
-            raise ValueError(f"an engine has {n} workers; each has at least 1")
-        offsets.append(rank)
-        rank += n
-    return rank, offsets
-
-
-class NcclSender:
-    """Learner rank 0's side of the `nccl` transport (GPU only).
-
-        sender = NcclSender(master_address, master_port, world_size)   # concurrently with every actor's nccl_init
-        plan = plan_buckets(state_metas(state), bucket_bytes)            # send `plan` to the actors through Ray
-        sender.send(plan, state)                                         # concurrently with every actor's nccl_receive
-    """
-
-    def __init__(self, master_address: str, master_port: int, world_size: int):
-        from vllm.distributed.weight_transfer.nccl_common import trainer_init
-
-        self.comm = trainer_init({"master_address": master_address, "master_port": master_port,
-                                  "world_size": world_size}, rank=0)
-
-    def send(self, plan: list[Bucket], state) -> None:
-        import torch
-
-        for bucket in plan:
-            flat = pack_bucket(bucket, state, device=torch.device("cuda", torch.cuda.current_device()))
-            self.comm.broadcast(flat, src=0, stream=torch.cuda.current_stream())
-        torch.cuda.synchronize()
-
-
-class ObjectStoreTransport:
-    """`object_store`: one serialised copy in Ray's object store, loaded by every actor."""
-
-    name = "object_store"
-
-    @staticmethod
-    def push(actors, payload_ref, version: int) -> list:
-        """Refs of every actor's `update_weights(payload_ref, version)` call."""
-        return [a.update_weights.remote(payload_ref, version) for a in actors]
-
-
-class NcclTransport:
-    """`nccl`: the driver starts every actor's receive, and the learner's `NcclSender.send`, for the same plan.
-
-    The learner side is an object that has `nccl_send.remote(plan)` (rank 0 of the learner group calls
-    `NcclSender.send` on its gathered state dict)."""
-
-    name = "nccl"
-
-    @staticmethod
-    def push(actors, learner, plan: list[Bucket], version: int) -> list:
-        refs = [a.nccl_receive.remote(plan, version) for a in actors]
-        return refs + [learner.nccl_send.remote(plan)]

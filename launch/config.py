@@ -112,10 +112,12 @@ class RolloutConfig:
     """vLLM engine of each rollout actor: `sync` (`vllm.LLM`, one call at a time, its requests batched) or `async`
     (`AsyncLLM`: calls and requests served concurrently, weight pushes wait for the calls in flight)."""
     weight_transport: str = "object_store"
-    """How new weights reach the engines: `object_store` (safetensors bytes through Ray, CPU or GPU) or `nccl`
-    (vLLM's weight-transfer engine from learner rank 0; GPU clusters only). See docs/ROLLOUT.md."""
+    """How new weights reach the engines, one of actors.weight_transport.TRANSPORTS: `object_store` (safetensors
+    through Ray's object store, CPU or GPU; the only one that has run here), `nccl` (vLLM's NCCL weight-transfer
+    engines, learner rank 0 broadcasts; GPUs on both sides, across nodes) or `ipc` (vLLM's CUDA IPC engines; each
+    engine shares a GPU with a learner rank). nccl and ipc have not run on a GPU yet. See docs/ROLLOUT.md."""
     weight_bucket_mb: int = 256
-    """`nccl` transport: tensors are packed into buckets of about this many MiB, one broadcast per bucket."""
+    """`nccl` / `ipc`: size in MiB of the packed buffers vLLM's transfer engines send the weights through."""
     max_restarts: int = 3
     """Ray restarts a dead rollout actor this many times; it receives the current weights before serving again."""
     request_retries: int = 2
@@ -326,14 +328,20 @@ def _validate_ranges(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
+    from actors.weight_transport import TRANSPORTS, check_transport
     from prefix_store.scoring import SCORERS
 
-    choices = dict(_CHOICES, **{"store.scorer": tuple(SCORERS)})
+    choices = dict(_CHOICES, **{"store.scorer": tuple(SCORERS), "rollout.weight_transport": tuple(TRANSPORTS)})
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
     _validate_ranges(cfg)
+    try:
+        check_transport(cfg.rollout.weight_transport, rollout_gpus=cfg.rollout.num_gpus_per_actor,
+                        learner_gpus=cfg.learner.num_gpus)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     unknown = sorted(set(cfg.store.scorer_weights) - set(SCORERS) | ({"combined"} & set(cfg.store.scorer_weights)))
     if unknown:
         raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers; use names of "

@@ -123,6 +123,22 @@ class LearnerGroup:
         self._get("get_version")
         return ref
 
+    def init_weight_transfer(self, transport: str, client, *, world_size: int, buffer_bytes: int) -> None:
+        """vLLM's trainer-side transfer engine on every rank (`Learner.init_weight_transfer`); the rendezvous (nccl)
+        is a free port on rank 0's node. `client`: an `actors.weight_sync.RolloutSyncClient`."""
+        if self.local is not None:
+            addr, port = _Rank().master()
+        else:
+            import ray
+
+            addr, port = ray.get(self.actors[0].master.remote())
+        self._get("init_weight_transfer", transport, client, world_size=world_size, master_address=addr,
+                  master_port=port, buffer_bytes=buffer_bytes)
+
+    def send_weights(self, version: int) -> None:
+        """One push through vLLM's transfer engine (every rank; rank 0 sends); the engines adopt `version`."""
+        self._get("send_weights", version)
+
     def version(self) -> int:
         return self.local.get_version() if self.local is not None else self._get("get_version")
 

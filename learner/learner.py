@@ -105,6 +105,8 @@ class Learner:
         self.version = 0
         self.rejected_batches = 0
         self.skipped_steps = 0
+        self.weight_transfer = None
+        """vLLM's trainer-side weight-transfer engine (rollout.weight_transport nccl / ipc), once initialised."""
 
     # ---- collectives -------------------------------------------------------------------------------
     def _all_sum(self, x):
@@ -262,6 +264,53 @@ class Learner:
                 # a copy on the CPU: gathered ZeRO-3 parameters go at the end of the block, GPU memory cannot be viewed
                 state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             return pack_weights(state, dtype=self.torch.float32)
+
+    # ---- weights out through vLLM's weight-transfer engines (rollout.weight_transport nccl / ipc) ----------
+    def init_weight_transfer(self, transport: str, client, *, world_size: int, master_address: str | None,
+                             master_port: int | None, buffer_bytes: int) -> None:
+        """vLLM's trainer-side engine of `transport`, built by `WeightTransferTrainerFactory.trainer_init` on every rank.
+
+        Rank 0 is the sender: it drives the engines' side through `client` (`actors.weight_sync.RolloutSyncClient`);
+        nccl: it opens NCCL rank 0 of `world_size` at master_address:master_port while the engines join. The other
+        ranks take part in the gathers (ZeRO-3) and, for ipc, the handle all-gather. GPU only."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+        from actors.weight_transport import trainer_init_info
+
+        info = trainer_init_info(transport, rank=self.rank, world_size=world_size, master_address=master_address,
+                                 master_port=master_port, buffer_bytes=buffer_bytes)
+        self.weight_transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=client, source=self.weight_source(keep=transport == "ipc"))
+
+    def send_weights(self, version: int) -> None:
+        """One push through the transfer engine (every rank calls it): vLLM's `send_weights` runs the engines'
+        start / update / finish; they adopt `version`."""
+        if self.weight_transfer is None:
+            raise RuntimeError("Learner.send_weights before init_weight_transfer")
+        self.weight_transfer.client.version = version  # vLLM's trainer calls finish_weight_update() without one
+        self.weight_transfer.send_weights()
+
+    def weight_source(self, keep: bool = False):
+        """The policy's state dict as vLLM's `WeightSource` (Hugging Face names, the learner's device and dtype, no
+        copies): `metadata()` reads shapes without gathering (ZeRO-3: `ds_shape`), iteration gathers under ZeRO-3.
+        keep=True: under ZeRO-3, clones that outlive the gather (ipc hands the engines pointers into them after the
+        iteration has ended)."""
+        from vllm.distributed.weight_transfer import ParamMeta, WeightSource
+
+        learner = self
+
+        class PolicyWeights(WeightSource):
+            def metadata(self):
+                return [ParamMeta(k, v.dtype, tuple(getattr(v, "ds_shape", v.shape)))
+                        for k, v in learner.engine.module.state_dict(keep_vars=True).items()]
+
+            def __iter__(self):
+                clone = keep and learner.zero_stage == 3
+                with learner._full_params():
+                    for k, v in learner.engine.module.state_dict().items():
+                        yield k, (v.detach().clone() if clone else v.detach())
+
+        return PolicyWeights()
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 under the current policy (every rank must call it under ZeRO-3)."""

@@ -1,13 +1,11 @@
-"""Pure parts of the weight transports: bucket plan, packing round trip, NCCL ranks, transport names (CPU)."""
+"""Pure parts of the weight transports (CPU): the registry and its checks, the object store's safetensors packing,
+views and /dev/shm staging. The vLLM backends' call sequence: test_weight_sync.py."""
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-
-from actors.weight_transport import (ALIGN, check_transport, nccl_world, pack_bucket, plan_buckets, state_metas,
-                                     unpack_bucket)
 
 
 def random_state(seed: int) -> dict:
@@ -22,74 +20,50 @@ def random_state(seed: int) -> dict:
     return state
 
 
-@pytest.mark.parametrize("seed", range(25))
-def test_pack_unpack_round_trip_is_exact(seed):
-    state = random_state(seed)
-    bucket_bytes = random.Random(seed).choice([ALIGN, 2 * ALIGN, 4096, 1 << 20])
-    plan = plan_buckets(state_metas(state), bucket_bytes)
-    got = {}
-    for b in plan:
-        flat = pack_bucket(b, state)
-        assert flat.dtype == torch.uint8 and flat.numel() == b.nbytes
-        got.update(unpack_bucket(b, flat))
-    assert list(got) == list(state)  # order kept
-    for k, v in state.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+# ----- the registry rollout.weight_transport is validated against -----
 
+def test_transport_names_and_what_they_need():
+    from actors.weight_transport import TRANSPORTS, check_transport
 
-@pytest.mark.parametrize("seed", range(25))
-def test_plan_respects_budget_order_and_alignment(seed):
-    state = random_state(seed)
-    metas = state_metas(state)
-    budget = 1024
-    plan = plan_buckets(metas, budget)
-    flat = [m for b in plan for m in b.tensors]
-    assert [m.name for m in flat] == [n for n, *_ in metas]
-    for b in plan:
-        assert b.nbytes <= budget or len(b.tensors) == 1  # only an oversized tensor exceeds the budget, alone
-        ends = [m.offset + m.nbytes for m in b.tensors]
-        assert all(m.offset % ALIGN == 0 for m in b.tensors)
-        assert all(e <= o for e, o in zip(ends, [m.offset for m in b.tensors][1:]))  # no overlap
-        assert max(ends) <= b.nbytes
-    # greedy: the next bucket's first tensor would not have fitted into the previous bucket
-    for prev, nxt in zip(plan, plan[1:]):
-        assert prev.nbytes + -(-nxt.tensors[0].nbytes // ALIGN) * ALIGN > budget
-
-
-def test_metadata_names_shapes_dtypes():
-    state = {"a": torch.zeros(2, 3), "b": torch.zeros(5, dtype=torch.bfloat16)}
-    assert state_metas(state) == [("a", (2, 3), "float32", 24), ("b", (5,), "bfloat16", 10)]
-
-
-def test_pack_rejects_mismatched_tensor():
-    plan = plan_buckets(state_metas({"a": torch.zeros(2)}), 1024)
-    with pytest.raises(ValueError, match="does not match the plan"):
-        pack_bucket(plan[0], {"a": torch.zeros(3)})
-
-
-def test_bad_budget_and_transport_names():
-    with pytest.raises(ValueError, match="bucket_bytes"):
-        plan_buckets([], 0)
-    assert plan_buckets([], 10) == []
-    assert check_transport("nccl") == "nccl"
-    with pytest.raises(ValueError, match="object_store, nccl"):
+    assert list(TRANSPORTS) == ["object_store", "nccl", "ipc"]
+    assert check_transport("object_store").vllm_backend is None  # runs anywhere, CPU included
+    for name in ("nccl", "ipc"):
+        assert TRANSPORTS[name].vllm_backend == name and TRANSPORTS[name].needs_gpu
+        for rollout_gpus, learner_gpus in ((0, 0), (0, 1), (1, 0)):
+            with pytest.raises(ValueError, match=f"weight_transport={name} needs GPUs on both sides") as e:
+                check_transport(name, rollout_gpus=rollout_gpus, learner_gpus=learner_gpus)
+            assert "\n" not in str(e.value) and "use object_store on CPU" in str(e.value)
+    assert check_transport("nccl", rollout_gpus=1, learner_gpus=1).name == "nccl"
+    assert check_transport("ipc", rollout_gpus=0.5, learner_gpus=0.5).name == "ipc"
+    with pytest.raises(ValueError, match="shares one GPU"):
+        check_transport("ipc", rollout_gpus=1, learner_gpus=1)
+    with pytest.raises(ValueError, match="choose one of object_store, nccl, ipc"):
         check_transport("tcp")
 
 
-def test_nccl_ranks():
-    assert nccl_world([1, 1, 1]) == (4, [1, 2, 3])
-    assert nccl_world([2, 4]) == (7, [1, 3])
-    with pytest.raises(ValueError):
-        nccl_world([0])
+def test_config_validates_against_the_registry():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="choose one of object_store, nccl, ipc"):
+        load_config(None, ["rollout.weight_transport=tcp"])
+    with pytest.raises(ConfigError, match="needs GPUs on both sides"):
+        load_config(None, ["rollout.weight_transport=nccl"])  # the CPU defaults: no GPUs
+    cfg = load_config(None, ["rollout.weight_transport=nccl", "rollout.num_gpus_per_actor=1", "learner.num_gpus=1"])
+    assert cfg.rollout.weight_transport == "nccl"
 
 
-def test_plan_wire_round_trip():
-    from actors.weight_transport import plan_from_wire, plan_to_wire
+def test_engine_kwargs_carry_vllm_weight_transfer_config_only_for_vllm_backends():
+    from types import SimpleNamespace
 
-    plan = plan_buckets(state_metas(random_state(3)), 512)
-    wire = plan_to_wire(plan)
-    assert all(isinstance(x, (int, list)) for b in wire for x in b)
-    assert plan_from_wire(wire) == plan
+    from actors.rollout_worker import engine_kwargs
+
+    base = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2, block_size=None)
+    plain = engine_kwargs("m", SimpleNamespace(**base, weight_transport="object_store"), 0)
+    assert "weight_transfer_config" not in plain and plain["worker_extension_cls"] == "actors.weight_receiver.WeightReceiver"
+    for name in ("nccl", "ipc"):
+        kw = engine_kwargs("m", SimpleNamespace(**base, weight_transport=name), 0)
+        assert kw["weight_transfer_config"] == {"backend": name}
+        assert {k: v for k, v in kw.items() if k != "weight_transfer_config"} == plain
 
 
 # ----- safetensors packing (object_store transport) -----
@@ -169,21 +143,3 @@ def test_rpc_fallback_bytes_of_every_payload_kind():
     assert payload_bytes(packed) == packed.tobytes() == payload_bytes(bytearray(packed.tobytes()))
     with pytest.raises(TypeError):
         bytes(packed)  # why the fallback needs payload_bytes
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("seed", range(3))
-def test_nccl_buckets_pack_and_unpack_on_the_gpu(seed):
-    """The `nccl` path's buffers live on the GPU: a bucket packed there from GPU (learner) or CPU tensors reads
-    back exactly through views of the received buffer."""
-    state = random_state(seed)
-    plan = plan_buckets(state_metas(state), 4096)
-    cuda = torch.device("cuda", torch.cuda.current_device())
-    for source in ({k: v.to(cuda) for k, v in state.items()}, state):
-        got = {}
-        for b in plan:
-            flat = pack_bucket(b, source, device=cuda)
-            assert flat.is_cuda and flat.numel() == b.nbytes
-            got.update(unpack_bucket(b, flat))
-        assert all(got[k].is_cuda and got[k].dtype == v.dtype and torch.equal(got[k].cpu(), v) for k, v in state.items())
