@@ -7,6 +7,8 @@ string of the example (for GSM8K data, the full reference solution ending in
     chain     the first H whitespace-separated symbols equal the answer's H symbols
     numeric   the last number in the completion equals the answer's number
     gsm8k     the completion contains `#### <number>` equal to the answer's number
+    reasoning the completion's final answer equals the answer's number: its last `#### N`, else its last
+              `\boxed{N}`, else its last "answer is N" / "answer: N", else its last number
     exact     the stripped completion equals the stripped answer
 
 or by import path `package.module:function` for a user verifier with the same
@@ -88,12 +90,51 @@ def gsm8k(completion: str, answer: str) -> float:
     return float(got is not None and got == reference_number(answer))
 
 
+_MARKED = [  # final-answer markers of the `reasoning` verifier, strongest first; the last occurrence of each counts
+    re.compile(r"####[ \t]*([^\n]*)"),
+    re.compile(r"\\boxed\{([^{}]*)\}"),
+    re.compile(r"answer\s*(?:is|:|=)[ \t]*:?([^\n]*)", re.IGNORECASE),
+]
+
+
+def final_answer(completion: str) -> Fraction | None:
+    """The number a free-form solution gives as its final answer, or None. Never raises.
+
+    The last `#### N`; else the last `\\boxed{N}`; else the last "answer is N" / "answer: N" (the first number
+    after the marker, on its line); else the last number anywhere. A marker with no number after it is skipped.
+    """
+    text = completion.replace("\u2212", "-")  # unicode minus
+    for pattern in _MARKED:
+        for m in reversed(list(pattern.finditer(text))):
+            value = parse_number(m.group(1).replace("**", ""))
+            if value is not None:
+                return value
+    return last_number(text)
+
+
+def reasoning(completion: str, answer: str) -> float:
+    """1.0 iff the completion's final answer (see `final_answer`) equals the reference number, exactly."""
+    got = final_answer(completion)
+    return float(got is not None and got == reference_number(answer))
+
+
+def has_reference_number(answer: str) -> bool:
+    """Whether a number-comparing verifier can read this reference answer."""
+    try:
+        reference_number(answer)
+        return True
+    except ValueError:
+        return False
+
+
 def exact(completion: str, answer: str) -> float:
     """1.0 iff the completion equals the answer after stripping surrounding whitespace."""
     return float(completion.strip() == answer.strip())
 
 
-VERIFIERS: dict[str, Verifier] = {"chain": chain, "numeric": numeric, "gsm8k": gsm8k, "exact": exact}
+VERIFIERS: dict[str, Verifier] = {"chain": chain, "numeric": numeric, "gsm8k": gsm8k, "reasoning": reasoning,
+                                   "exact": exact}
+NUMERIC_VERIFIERS = ("numeric", "gsm8k", "reasoning")  # compare numbers: every reference answer needs one
 
 
 class VerifierNotFound(ValueError):

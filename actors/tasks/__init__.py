@@ -3,6 +3,7 @@
     chain       H dependent steps (running sums mod m of the prompt symbols); token ids, tiny base model
     arithmetic  synthetic multi-step word problems with a numeric answer; needs a tokenizer (model.path)
     jsonl       the user's prompts from a JSONL file, scored by a named or imported verifier
+    reasoning_gym  problems of a reasoning-gym generator (task.generator, task.generator_options); needs a tokenizer
 
 Every task serves: train_prompts(rng, n), heldout_prompts(), root_id(p),
 prompt_ids(p), answer_ids(p), max_new_tokens, reward(prompt_ids,
@@ -14,8 +15,8 @@ from __future__ import annotations
 from actors.tasks.chain import (BOS, DIGIT0, EOS, MAX_MODULUS, PAD, SEP, SPECIAL_TOKENS, TOKEN_ID, VOCAB, ChainTask,
                                 digit_token)
 
-TASKS = ("chain", "arithmetic", "jsonl")
-DEFAULT_VERIFIER = {"chain": "chain", "arithmetic": "numeric", "jsonl": "numeric"}
+TASKS = ("chain", "arithmetic", "jsonl", "reasoning_gym")
+DEFAULT_VERIFIER = {"chain": "chain", "arithmetic": "numeric", "jsonl": "numeric", "reasoning_gym": "reasoning"}
 
 __all__ = ["BOS", "DIGIT0", "EOS", "PAD", "SEP", "SPECIAL_TOKENS", "TOKEN_ID", "VOCAB", "MAX_MODULUS", "TASKS",
            "ChainTask", "digit_token", "make_task", "load_tokenizer"]
@@ -32,7 +33,7 @@ def make_task(cfg_or_name, *, horizon: int | None = None, heldout_size: int | No
               tokenizer_dir: str | None = None, tokenizer=None):
     """The task of a `TaskConfig` (or, for the chain task, of a name plus keyword arguments).
 
-    Text tasks (arithmetic, jsonl) need the policy's tokenizer: pass `tokenizer`
+    Text tasks (arithmetic, jsonl, reasoning_gym) need the policy's tokenizer: pass `tokenizer`
     or the model folder as `tokenizer_dir`. Raises ValueError (or
     actors.data.DataError) with a one-line message on bad task settings.
     """
@@ -66,6 +67,18 @@ def make_task(cfg_or_name, *, horizon: int | None = None, heldout_size: int | No
         from actors.tasks.arithmetic import make_problems
 
         return TextTask(make_problems(get("num_examples", 5000), steps=horizon, seed=seed), tokenizer, **common)
+    if name == "reasoning_gym":
+        from actors.tasks.reasoning_gym import make_examples
+        from actors.verifiers import NUMERIC_VERIFIERS
+
+        options = get("generator_options") or {}
+        if hasattr(options, "items") and not isinstance(options, dict):  # an OmegaConf node
+            from omegaconf import OmegaConf
+
+            options = OmegaConf.to_container(options, resolve=True)
+        examples = make_examples(get("generator"), options, size=get("num_examples", 5000), seed=seed,
+                                 numeric=verifier in NUMERIC_VERIFIERS)
+        return TextTask(examples, tokenizer, **common)
     data_path = get("data_path")
     if data_path is None:
         raise ValueError("task 'jsonl' needs task.data_path: a JSONL file of {\"prompt\": ..., \"answer\": ...} lines")

@@ -21,7 +21,7 @@ import logging
 import random
 
 from actors.data import Example
-from actors.verifiers import check_reward, get_verifier
+from actors.verifiers import NUMERIC_VERIFIERS, check_reward, get_verifier, has_reference_number
 
 log = logging.getLogger(__name__)
 _LOG_FIRST = 5
@@ -46,6 +46,12 @@ class TextTask:
         self.heldout_size = heldout_size
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+        if verifier in NUMERIC_VERIFIERS:  # a reference without a number could never earn reward
+            for where, exs in (("", examples), (" held-out", heldout_examples or [])):
+                if exs and not any(has_reference_number(e.answer) for e in exs):
+                    raise ValueError(f"{name} task: none of the {len(exs)}{where} answers holds a number the "
+                                     f"{verifier!r} verifier can compare (e.g. {exs[0].answer[:40]!r}); fix the "
+                                     "answers or choose task.verifier=exact")
         if heldout_examples is None:
             train = [e for e in examples if not is_heldout_text(e.prompt, seed)]
             held = [e for e in examples if is_heldout_text(e.prompt, seed)]
