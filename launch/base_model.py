@@ -228,18 +228,21 @@ def base_model_dir(model_cfg, task_cfg) -> str:
 
 
 def ensure_base_model(model_cfg, task_cfg, log=print) -> str:
-    """Path of the policy to train: the user's folder, or the cached tiny base model (built on a miss).
+    """Path of the policy to train: the user's folder (`model.path`), the prepared real model (`model.name`, converted
+    on a cache miss, launch/models.py), or the cached tiny base model (built on a miss).
 
-    Raises launch.config.ConfigError (one line) when the task settings are unusable, before anything starts.
+    Raises launch.config.ConfigError (one line) when the task or model settings are unusable, before anything starts.
     """
     from launch.config import ConfigError
 
-    check_task(task_cfg, model_cfg.path)
+    check_task(task_cfg, model_cfg, log=log)
     if model_cfg.path is not None:
         return os.path.expanduser(model_cfg.path)
+    if getattr(model_cfg, "name", None):
+        return prepared_model(model_cfg, log)
     if task_cfg.name != "chain":
-        raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer); "
-                          "the built-in tiny base model only speaks the chain task")
+        raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer) "
+                          "or model.name=smollm2; the built-in tiny base model only speaks the chain task")
     out_dir = base_model_dir(model_cfg, task_cfg)
     if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -247,23 +250,109 @@ def ensure_base_model(model_cfg, task_cfg, log=print) -> str:
     return out_dir
 
 
-def check_task(task_cfg, model_path=None) -> None:
-    """Build the task once so bad settings (modulus, data file, bad lines, verifier) fail early as ConfigError."""
-    from actors.data import DataError
-    from actors.tasks import make_task
+def prepared_model(model_cfg, log=print) -> str:
+    """The folder of `model.name` under `model.cache_dir` (converted on a miss); ConfigError when it cannot be made."""
+    from launch.config import ConfigError
+    from launch.models import ModelUnavailable, ensure_model
+
+    try:
+        return ensure_model(model_cfg.name, model_cfg.cache_dir, log=log)
+    except (ModelUnavailable, OSError) as e:
+        raise ConfigError(f"model.name={model_cfg.name!r} could not be prepared: {one_line(e)}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_model_folder(path: str) -> None:
+    """A user's model folder must hold a tokenizer (and be a Hugging Face folder, not a bare GGUF file)."""
     from launch.config import ConfigError
 
-    if task_cfg.name != "chain" and model_path is None:
-        raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer); "
-                          "the built-in tiny base model only speaks the chain task")
+    folder = os.path.expanduser(path)
+    names = os.listdir(folder)
+    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    if ggufs and "config.json" not in names:
+        raise ConfigError(f"model.path={path!r} holds a GGUF file ({ggufs[0]}) but no Hugging Face config.json; use "
+                          "model.name=smollm2 for the bundled SmolLM2-135M-Instruct, or convert it to a folder")
+    if not any(n in names for n in TOKENIZER_FILES):
+        raise ConfigError(f"model.path={path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                          "policy's tokenizer there (tokenizer.save_pretrained(folder))")
+
+
+def check_vocab(tokenizer, folder: str) -> None:
+    """The tokenizer may not produce ids the model has no embedding for (len(tokenizer) <= config vocab_size;
+    a padded embedding, more rows than tokens, is fine)."""
+    from launch.config import ConfigError
+
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        return
+    try:
+        with open(cfg_path) as f:
+            vocab = int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model folder {folder!r}: config.json has no readable vocab_size ({one_line(e)})") from None
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"model folder {folder!r}: its tokenizer has {len(tokenizer)} tokens but config.json's "
+                          f"vocab_size is {vocab} (ids >= {vocab} have no embedding); use the tokenizer saved with "
+                          "this model")
+
+
+def _model_of(task_cfg, model):
+    """(model config or None, model path or None) from check_task's second argument.
+
+    `model` is a ModelConfig, or a path (or None) as launch/train.py passes `cfg.model.path`; then the model
+    config is found as the task config's sibling when the task config belongs to a whole OmegaConf config."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        return model, model.path
+    model_cfg = None
+    if model is None:
+        parent = getattr(task_cfg, "_get_parent", lambda: None)()
+        model_cfg = getattr(parent, "model", None) if parent is not None else None
+    return model_cfg, (None if model is None else str(model))
+
+
+def check_task(task_cfg, model=None, log=print) -> None:
+    """Build the task once so bad settings (model folder, tokenizer, data file, bad lines, generator, verifier) fail
+    early as a one-line ConfigError. `model`: the ModelConfig, or a model folder path (None: no folder given).
+
+    With `model.name` set (and no path) the prepared model is made here on a cache miss (~20 s, once), after the
+    task's data has been checked."""
+    from actors.data import DataError
+    from actors.tasks import load_tokenizer, make_task
+    from launch.config import ConfigError
+
+    model_cfg, path = _model_of(task_cfg, model)
+    name = getattr(model_cfg, "name", None) if path is None else None
+    if path is not None:
+        check_model_folder(path)
+    if task_cfg.name != "chain" and path is None and name is None:
+        raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer) "
+                          "or model.name=smollm2; the built-in tiny base model only speaks the chain task")
+    where = f"model.path={path!r}" if path is not None else f"model.name={name!r}"
     try:
         if task_cfg.name == "chain":
             make_task(task_cfg)
-        else:
-            make_task(task_cfg, tokenizer_dir=os.path.expanduser(model_path))
+            return
+        if task_cfg.name == "reasoning_gym":  # generator and answers first: cheap, and before any model conversion
+            from actors.tasks.reasoning_gym import check_generator
+
+            check_generator(task_cfg.generator)
+        folder = os.path.expanduser(path) if path is not None else prepared_model(model_cfg, log)
+        try:
+            tokenizer = load_tokenizer(folder)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds on a broken tokenizer
+            raise ConfigError(f"{where}: the tokenizer cannot be loaded ({type(e).__name__}: {one_line(e)})") from None
+        check_vocab(tokenizer, folder)
+        make_task(task_cfg, tokenizer=tokenizer)
     except (ValueError, OSError, DataError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"task {task_cfg.name!r} could not be set up from model.path={model_path!r}: {first}") from None
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"task {task_cfg.name!r} could not be set up from {where}: {one_line(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

