@@ -20,7 +20,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup run test test-fast clean-env
+.PHONY: setup run test test-fast models clean-env
 
 setup: $(ENV_DIR)/.ready
 	@ln -sfn $(ENV_DIR) .venv
@@ -50,6 +50,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct as a Hugging Face folder under ~/.cache/graftrl/models (converted once, ~20 s); CHECK=1 also
+# verifies it (transformers vs a forward on the GGUF tensors, vLLM vs transformers; ~2 min)
+models: setup
+	$(PY) -m launch.models smollm2 $(if $(CHECK),--check)
 
 clean-env:
 	rm -rf $(ENV_DIR) .venv
