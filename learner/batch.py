@@ -119,10 +119,12 @@ def collate(batch: TrainBatch, pad_id: int) -> dict[str, torch.Tensor]:
             "forced": torch.tensor(batch.forced if batch.forced is not None else [False] * B)}
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, cont_index: torch.Tensor) -> torch.Tensor:
-    """log pi(x_j | x_<j) at the continuation positions j = cont_index.  logits (B, L, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L, V)
-    prev = (cont_index - 1).clamp(min=0)  # logits at j-1 predict token j
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, cont_index: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """log pi(x_j | x_<j) at the continuation positions j = cont_index.  logits (B, L - offset, V) -> (B, T).
+
+    logits[:, i] are the logits at input position offset + i (offset > 0: the model kept only the last ones)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, L - offset, V)
+    prev = (cont_index - 1 - offset).clamp(min=0)  # logits at j-1 predict token j
     tok = input_ids.gather(1, cont_index)  # (B, T)
     rows = logp.gather(1, prev.unsqueeze(-1).expand(-1, -1, logp.size(-1)))  # (B, T, V)
     return rows.gather(-1, tok.unsqueeze(-1)).squeeze(-1)

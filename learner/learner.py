@@ -142,8 +142,16 @@ class Learner:
         return {k: v.to(self.device) for k, v in t.items()}
 
     def _logp(self, model, t):
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits  # (B, L, V)
-        return token_logprobs(logits, t["input_ids"], t["cont_index"])  # (B, T), fp32
+        """log pi(x_j | x_<j) at the continuation positions (B, T), fp32.
+
+        The output layer runs only on the last `keep` positions, from the one that predicts the first continuation
+        token of the row with the shortest context: the context (prompt + stored prefix) is never trained on, and
+        with a 49K vocabulary its (B, L, V) logits would be most of the update's memory and a large share of its
+        compute."""
+        length = t["input_ids"].size(1)
+        keep = length - int(t["context_len"].min()) + 1
+        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], logits_to_keep=keep).logits
+        return token_logprobs(logits, t["input_ids"], t["cont_index"], offset=length - keep)  # (B, T), fp32
 
     def _ref_logp(self, t):
         with self.torch.no_grad():

@@ -28,3 +28,12 @@ def test_token_logprobs_picks_the_next_token():
     lp = token_logprobs(logits, ids, torch.tensor([[2, 3]]))
     full = torch.log_softmax(logits, -1)
     assert torch.allclose(lp, torch.stack([full[0, 1, 3], full[0, 2, 4]]).unsqueeze(0))
+
+
+def test_token_logprobs_of_kept_last_positions_equal_the_full_logits():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
+    cont = torch.tensor([[3, 4, 5], [4, 5, 0]])  # shortest context: 3 tokens; row 1 padded
+    full = token_logprobs(logits, ids, cont)
+    kept = token_logprobs(logits[:, 2:], ids, cont, offset=2)  # the logits from position 2 = context 3 - 1 on
+    assert torch.allclose(kept[0], full[0]) and torch.allclose(kept[1, :2], full[1, :2])
