@@ -55,13 +55,14 @@ def run_one(rollout, model_dir: str, base_ref, cfg, run_dir: str, log) -> dict:
     import ray
 
     from launch.cluster import actor_env_vars
+    from bench.workers import set_task
     from launch.trainer import Components, Trainer, model_vocab_size
     from learner.group import LearnerGroup
     from prefix_store.store import PrefixStore
     from actors.tasks import make_task
 
     t0 = time.time()
-    rollout.set_task(cfg.task)
+    set_task(rollout, cfg.task)
     rollout.update_weights(base_ref, 0)
     tc = cfg.train
     learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     import ray
 
     from actors.group import RolloutGroup
+    from bench.workers import BenchRolloutWorker
     from launch.base_model import ensure_base_model
     from launch.cluster import actor_env_vars, connect
     from launch.config import load_config
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     base_cfg = load_config("configs/default.yaml", common + [f"task.horizon={horizons[0]}"])
     connect(base_cfg.ray)
     rollout = RolloutGroup(model_dir=models[horizons[0]], rollout_cfg=base_cfg.rollout, task_cfg=base_cfg.task,
-                           seed=0, env_vars=actor_env_vars(base_cfg.rollout.kv_cache_gib))
+                           seed=0, env_vars=actor_env_vars(base_cfg.rollout.kv_cache_gib), worker_cls=BenchRolloutWorker)
     base_refs = {}
     for h, d in models.items():
         with open(os.path.join(d, "model.safetensors"), "rb") as f:

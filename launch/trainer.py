@@ -292,7 +292,8 @@ class Trainer:
         return build_train_batch(rollouts, advantage=lc.advantage, nudge=lc.nudge, values=values)
 
     def push_weights(self) -> None:
-        self.comp.rollout.update_weights(self.comp.learner.async_weights(zero_copy=True), self.version)
+        """By rollout.weight_transport: the object store (CPU and GPU) or vLLM's weight-transfer engines (GPU)."""
+        self.comp.rollout.sync_weights(self.comp.learner, self.version)
 
     def train_step(self) -> dict:
         """One update: select -> generate -> insert -> (prefetch) -> drop stale -> build batch -> update -> push."""

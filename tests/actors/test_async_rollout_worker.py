@@ -3,6 +3,7 @@ bad requests fail alone, weight updates wait for the calls in flight. The real e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import types
 
@@ -77,7 +78,8 @@ def test_same_rollouts_as_the_sync_worker_and_requests_run_concurrently():
     want = make_worker(FakeLLM()).generate(requests)
     w = make_async_worker()
     got = asyncio.run(w.generate(requests))
-    assert got == want  # same dataclasses, field by field
+    assert want.engine_s >= 0.0  # the sync worker times its engine calls; the async one does not (they overlap)
+    assert dataclasses.replace(got, engine_s=0.0) == dataclasses.replace(want, engine_s=0.0)  # field by field
     assert w.engine.max_in_flight == 3
     assert w.cache_stats() == {"prompt_tokens": 10, "cached_tokens": 4}
 

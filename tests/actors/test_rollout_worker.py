@@ -57,7 +57,7 @@ class FakeTask:
 def make_worker(llm=None):
     w = RolloutWorker.__new__(RolloutWorker)
     w.cfg = types.SimpleNamespace(temperature=1.0, top_k_logprobs=2)
-    w.actor_id, w.version, w.prompt_tokens, w.cached_tokens = 7, 3, 0, 0
+    w.actor_id, w.version, w.prompt_tokens, w.cached_tokens, w.engine_s = 7, 3, 0, 0, 0.0
     w.task, w.llm = FakeTask(), llm or FakeLLM()
     w.vocab_size, w.max_len = 15, 16
     return w
