@@ -156,11 +156,9 @@ def test_vllm_matches_transformers(smollm2_dir, smollm2_tokenizer):
 
     from tests.conftest import ROOT
 
-    code = ("import json, sys; from launch.models import check; "
-            "print(json.dumps(check('smollm2', sys.argv[1])))")
-    p = subprocess.run([sys.executable, "-c", f"if __name__ == '__main__':\n    {code}", os.path.dirname(smollm2_dir)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "launch.models", "smollm2", "--check", "--cache-dir",
+                        os.path.dirname(smollm2_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    report = json.loads(p.stdout.strip().splitlines()[-1])
+    report = json.loads([line for line in p.stdout.splitlines() if line.startswith('{"model"')][-1])
     assert report["max_abs_diff_vllm_vs_hf"] < 1e-3 and report["max_abs_diff_hf_vs_gguf_reference"] < 1e-3
     assert "12" in report["greedy_text"] and "7" in report["greedy_text"]
