@@ -205,6 +205,10 @@ class LearnerConfig:
     """Ray CPUs the learner reserves."""
     num_gpus: float = 0.0
     """Ray GPUs the learner reserves."""
+    num_threads: Optional[int] = None
+    """torch CPU threads of each rank; None: what Ray gives an actor that reserves `num_cpus` (1 thread for 1 CPU).
+    In synchronous mode generation and learning take turns, so on a small CPU box the learner may use every core
+    (the real-model configs set the machine's 2)."""
 
 
 @dataclass
@@ -290,7 +294,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "rollout.request_retries": 0, "store.num_shards": 1, "store.max_branches_per_position": 1, "store.max_tokens": 1,
     "store.snapshot_every": 0, "learner.kl_coef": 0, "learner.grad_accum_steps": 1, "learner.world_size": 1,
     "learner.weight_decay": 0, "learner.warmup_steps": 0, "learner.decay_steps": 0, "learner.num_cpus": 0,
-    "learner.num_gpus": 0, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
+    "learner.num_gpus": 0, "learner.num_threads": 1, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
     "train.eval_every": 0, "train.log_every": 0, "ray.num_cpus": 1,
 }

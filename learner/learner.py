@@ -69,6 +69,8 @@ class Learner:
 
         torch.manual_seed(seed)
         random.seed(seed)
+        if getattr(learner_cfg, "num_threads", None):
+            torch.set_num_threads(int(learner_cfg.num_threads))
         self.cfg = learner_cfg
         self.torch, self.deepspeed = torch, deepspeed
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
