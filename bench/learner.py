@@ -99,13 +99,13 @@ def timed(fn, batch) -> float:
     return time.perf_counter() - t0
 
 
-def ds_vs_torch(model_dir: str, batch, rounds: int, per_round: int, zero_stage: int) -> dict:
+def ds_vs_torch(model_dir: str, batch, rounds: int, per_round: int, zero_stage: int, warmup: int = 2) -> dict:
     from learner.learner import Learner
 
     cfg = learner_cfg(zero_stage=zero_stage)
     ds = Learner(model_dir=model_dir, learner_cfg=cfg, seed=0, micro_batch_size=len(batch))
     bare = TorchLoop(model_dir, cfg)
-    for _ in range(2):  # warm-up
+    for _ in range(warmup):
         ds.train_step(batch), bare.train_step(batch)
     t_ds, t_torch = [], []
     for _ in range(rounds):
