@@ -230,6 +230,21 @@ def write_history(run_dir: str, history: list[dict]) -> None:
     os.replace(tmp, os.path.join(run_dir, "history.json"))
 
 
+def write_samples(run_dir: str, step: int, rollouts, task, k: int = 4) -> None:
+    """Append a few of the step's rollouts to runs/<id>/samples.jsonl: token ids, reward, and for text tasks the
+    decoded prompt, stored prefix and completion (what the policy is writing). Branched rollouts come first."""
+    decode = getattr(task, "decode", None)
+    chosen = sorted(rollouts, key=lambda r: not r.prefix_ids)[:k]
+    with open(os.path.join(run_dir, "samples.jsonl"), "a") as f:
+        for r in chosen:
+            row = {"step": step, "root_id": r.root_id, "reward": r.reward, "policy_version": r.policy_version,
+                   "from_prefix": bool(r.prefix_ids), "prompt_ids": r.prompt_ids, "prefix_ids": r.prefix_ids,
+                   "token_ids": r.token_ids}
+            if decode is not None:
+                row.update(prompt=decode(r.prompt_ids), prefix=decode(r.prefix_ids), completion=decode(r.token_ids))
+            f.write(json.dumps(row) + "\n")
+
+
 def progress_line(step: int, steps: int, m: dict) -> str:
     """One line of key metrics, readable in `ray job logs` and any non-terminal output."""
     def f(key, fmt=".3f"):
@@ -257,6 +272,7 @@ class Trainer:
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         """Runs the store insert beside the learner update (the store client is thread-safe)."""
         self.wandb_run = None
+        self.last_rollouts: list = []
         self.last_fresh_roots: list[str] = []
         """Root ids of the fresh prompts of the last step, in order (kept in history.json, not sent to wandb)."""
 
@@ -325,6 +341,7 @@ class Trainer:
             store_stats = stored.result()
         self.step = step + 1
         self.last_fresh_roots = [r.root_id for r in plan.requests if r.branch_ref < 0]
+        self.last_rollouts = gen.rollouts
         metrics.update(self.rollout_metrics(plan, gen.rollouts, store_stats), **self.timer.pop())
         metrics["rollout/policy_lag_mean"] = _mean(behind)
         metrics["timing/step_s"] = step_s = time.perf_counter() - t0
@@ -452,6 +469,7 @@ class Trainer:
                             prefix=f"{metrics['tree/prefix_share']:.2f}")
             if tc.log_every and (step % tc.log_every == 0 or step == first_step + 1):
                 tqdm.write(progress_line(step, tc.steps, metrics), file=sys.stderr)
+                write_samples(self.run_dir, step, self.last_rollouts, self.comp.task)
             if STOP.is_set() or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                 self.save_checkpoint()
             if reached:

@@ -69,3 +69,24 @@ def test_progress_line_names_the_key_metrics_and_tolerates_missing_ones():
                                    "perf/generated_tokens": 1234})
     assert line.startswith("[graftrl] step 10/200 ") and "reward 0.250" in line and "heldout -" in line
     assert "tokens 1234" in line and "\n" not in line
+
+
+def test_samples_file_puts_branched_rollouts_first_and_decodes_text(tmp_path):
+    from launch.trainer import write_samples
+    from protocol.messages import Rollout
+
+    def rollout(prefix, reward):
+        return Rollout(request_id=0, root_id="r", prompt_ids=[1, 2], prefix_ids=prefix, token_ids=[3, 4], logprobs=[0, 0],
+                       entropy=[0, 0], top1_logprobs=[0, 0], alt_token_ids=[-1, -1], alt_logprobs=[-1e9, -1e9],
+                       reward=reward, policy_version=2, actor_id=0)
+
+    class Task:
+        @staticmethod
+        def decode(ids):
+            return " ".join(map(str, ids))
+
+    write_samples(str(tmp_path), 5, [rollout([], 0.0), rollout([9], 1.0)], Task(), k=1)
+    write_samples(str(tmp_path), 6, [rollout([], 0.0)], object())  # a task without text: ids only
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["from_prefix"] and rows[0]["prefix"] == "9" and rows[0]["completion"] == "3 4" and rows[0]["reward"] == 1.0
+    assert rows[1]["step"] == 6 and "completion" not in rows[1] and rows[1]["token_ids"] == [3, 4]
