@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, overrides)
             run_dir = new_run_dir(cfg)
-        check_task(cfg.task, cfg.model.path)  # data file, verifier, tokenizer: fail before anything starts
+        check_task(cfg.task, cfg.model)  # model, data file, verifier, tokenizer: fail before anything starts
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
