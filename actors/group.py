@@ -38,8 +38,11 @@ import time
 from protocol.messages import Rollout, RolloutRequest
 from actors.routing import route
 from actors.rollout_worker import Generated, RequestError, RolloutWorker, StaleWeights
+from actors.async_rollout_worker import AsyncRolloutWorker
+from protocol.registry import lookup
 
-ENGINES = ("sync", "async")
+ENGINES = {"sync": RolloutWorker, "async": AsyncRolloutWorker}
+"""The rollout worker class of each `rollout.engine`."""
 
 
 class RolloutActorLost(RuntimeError):
@@ -48,13 +51,7 @@ class RolloutActorLost(RuntimeError):
 
 def worker_class(engine: str):
     """The rollout worker class of `rollout.engine`."""
-    if engine == "sync":
-        return RolloutWorker
-    if engine == "async":
-        from actors.async_rollout_worker import AsyncRolloutWorker
-
-        return AsyncRolloutWorker
-    raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}")
+    return lookup("rollout engine", ENGINES, engine)
 
 
 class RolloutGroup:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 
 from actors.async_rollout_worker import AsyncRolloutWorker
+from actors.group import ENGINES
 from actors.rollout_worker import RolloutWorker
 from actors.tasks import make_task
+from protocol.registry import lookup
 
 
 class BenchRolloutWorker(RolloutWorker):
@@ -45,11 +47,14 @@ class BenchAsyncRolloutWorker(AsyncRolloutWorker):
         return (await self.engine.collective_rpc(method, args=args))[0]
 
 
+BENCH_ENGINES = {"sync": BenchRolloutWorker, "async": BenchAsyncRolloutWorker}
+"""The benchmark subclass of each worker class of actors.group.ENGINES."""
+assert BENCH_ENGINES.keys() == ENGINES.keys(), (list(BENCH_ENGINES), list(ENGINES))
+
+
 def bench_worker_class(engine: str = "sync"):
     """The benchmark worker class of `rollout.engine`."""
-    if engine not in ("sync", "async"):
-        raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of sync, async")
-    return BenchRolloutWorker if engine == "sync" else BenchAsyncRolloutWorker
+    return lookup("rollout engine", BENCH_ENGINES, engine)
 
 
 def set_task(group, task_cfg, model_dir: str | None = None) -> None:

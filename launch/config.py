@@ -272,18 +272,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-_CHOICES = {
-    "task.name": ("chain", "arithmetic", "jsonl", "reasoning_gym"),
-    "task.on_bad_line": ("skip", "reject"),
-    "rollout.engine": ("sync", "async"),
-    "learner.kl_estimator": ("k1", "k2", "k3"),
-    "store.branch_action": ("resample", "force"),
-    "learner.advantage": ("group", "group_norm", "rloo", "soft_value"),
-    "learner.kl_mode": ("loss", "reward"),
-    "learner.dtype": ("float32", "bfloat16"),
-    "learner.lr_schedule": ("constant", "linear", "cosine"),
-    "wandb.mode": ("offline", "online", "disabled"),
-}
+_CHOICES = {"wandb.mode": ("offline", "online", "disabled")}  # wandb's own modes; every other choice is read from its owner
 
 
 _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field is Optional)
@@ -341,11 +330,30 @@ def _validate_ranges(cfg: DictConfig) -> None:
                               f"prompts (modulus={t.modulus}, prompt_len={length}); lower it or raise task.prompt_len")
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Each field that names an implementation -> the names its owner's registry holds (imported here, not at the
+    top: the owners import numpy and the actor code; learner.names is the torch-free list of the learner's names)."""
+    from actors.data import BAD_LINE_POLICIES
+    from actors.group import ENGINES
+    from actors.tasks import TASKS
+    from actors.weight_transport import TRANSPORTS
+    from learner import names
+    from learner.schedule import LR_SCHEDULES
+    from prefix_store.scoring import SCORERS
+    from prefix_store.tree import BRANCH_ACTIONS
+
+    owned = {"task.name": TASKS, "task.on_bad_line": BAD_LINE_POLICIES, "rollout.engine": ENGINES,
+             "rollout.weight_transport": TRANSPORTS, "store.scorer": SCORERS, "store.branch_action": BRANCH_ACTIONS,
+             "learner.advantage": names.ADVANTAGES, "learner.kl_estimator": names.KL_ESTIMATORS,
+             "learner.kl_mode": names.KL_MODES, "learner.dtype": names.DTYPES, "learner.lr_schedule": LR_SCHEDULES}
+    return {**{key: tuple(allowed) for key, allowed in owned.items()}, **_CHOICES}
+
+
 def _validate(cfg: DictConfig) -> None:
-    from actors.weight_transport import TRANSPORTS, check_transport
+    from actors.weight_transport import check_transport
     from prefix_store.scoring import SCORERS
 
-    choices = dict(_CHOICES, **{"store.scorer": tuple(SCORERS), "rollout.weight_transport": tuple(TRANSPORTS)})
+    choices = _choices()
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

@@ -51,7 +51,7 @@ def build_train_batch(rollouts: list[Rollout], *, advantage: str, nudge: float,
                       values: list[list[float]] | None = None) -> TrainBatch:
     """Group continuations by request (same start), compute baselined advantages.
 
-    `advantage` names an entry of objectives.ADVANTAGES. For `soft_value`,
+    `advantage` is one of learner.names.ADVANTAGES. For `soft_value`,
     `values[i]` holds V(s_0), ..., V(s_{n-1}) along rollout i's n new tokens
     (s_t = its context + first t new tokens; from the prefix store's
     `node_stats(...)["soft_value"]`); V after the last token is its reward.

@@ -31,24 +31,20 @@ Which tokens carry gradient
   unsampled token. `forced_token_mask` builds the mask and the tests check
   the token has zero gradient.
 
-Registries: `ADVANTAGES` (sequence- or token-level reinforcement signals),
-`KL_ESTIMATORS`, `KL_MODES`. Unknown names are answered with the valid ones.
+Registries (dicts name -> function, looked up with `protocol.registry.lookup`):
+`SEQUENCE_ADVANTAGES` (rewards, group ids -> one signal per sample) and
+`KL_ESTIMATORS` (log rho -> per-token estimate). Their names, with
+`soft_value`, are in learner/names.py, which config validation reads without torch.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 
-ADVANTAGES = ("group", "group_norm", "rloo", "soft_value")
-"""`group`: r - mean of the sibling group (Dr. GRPO); `group_norm`: also / std (GRPO);
-`rloo`: r - mean of the *other* members (REINFORCE leave-one-out); `soft_value`: per-token V(s+a) - V(s)."""
-KL_ESTIMATORS = ("k1", "k2", "k3")
-KL_MODES = ("loss", "reward")
-"""`loss`: beta * k(logp, ref) per token added to the loss; `reward`: r - beta * sum_t k(behaviour_t, ref_t)."""
-
-
-def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(valid)}")
+from learner.names import ADVANTAGES, KL_ESTIMATORS as KL_ESTIMATOR_NAMES
+from protocol.registry import check, lookup
 
 
 def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -95,14 +91,19 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, nudge: fl
     return adv + nudge
 
 
+SEQUENCE_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
+    "group": group_advantages,
+    "group_norm": partial(group_advantages, normalize=True),
+    "rloo": rloo_advantages,
+}
+"""Sequence-level advantages by name: f(rewards (B,), group_ids (B,), *, nudge) -> (B,)."""
+
+
 def sequence_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, name: str, *, nudge: float = 0.0) -> torch.Tensor:
     """Sequence-level advantage by registry name (`group`, `group_norm`, `rloo`).  (B,), (B,) -> (B,)"""
-    _check("advantage", name, ADVANTAGES)
-    if name == "rloo":
-        return rloo_advantages(rewards, group_ids, nudge=nudge)
-    if name == "soft_value":
+    if check("advantage", ADVANTAGES, name) == "soft_value":
         raise ValueError("advantage 'soft_value' is per token: use soft_value_advantages with the store's V along each path")
-    return group_advantages(rewards, group_ids, normalize=(name == "group_norm"), nudge=nudge)
+    return SEQUENCE_ADVANTAGES[name](rewards, group_ids, nudge=nudge)
 
 
 def soft_value(rewards: torch.Tensor, beta: float) -> torch.Tensor:
@@ -137,19 +138,30 @@ def soft_value_advantages(values: torch.Tensor, mask: torch.Tensor, *, nudge: fl
     return (adv + nudge) * mask
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from a token sampled from pi; log rho = logp - ref_logp.
+def kl_k1(log_rho: torch.Tensor) -> torch.Tensor:
+    """k1 = log rho: unbiased, of either sign (high variance)."""
+    return log_rho
 
-    k1 = log rho;  k2 = (log rho)^2 / 2;  k3 = exp(-log rho) - 1 + log rho  (unbiased, >= 0; Schulman 2020).
-    """
-    log_rho = logp - ref_logp
-    if estimator == "k1":
-        return log_rho
-    if estimator == "k2":
-        return 0.5 * log_rho**2
-    if estimator == "k3":
-        return torch.expm1(-log_rho) + log_rho
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+
+def kl_k2(log_rho: torch.Tensor) -> torch.Tensor:
+    """k2 = (log rho)^2 / 2: >= 0, biased, low variance."""
+    return 0.5 * log_rho**2
+
+
+def kl_k3(log_rho: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(-log rho) - 1 + log rho: unbiased and >= 0 (Schulman 2020)."""
+    return torch.expm1(-log_rho) + log_rho
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+"""Per-token estimators of KL(pi || pi_ref) from a token sampled from pi, as functions of log rho = logp - ref_logp."""
+assert tuple(KL_ESTIMATORS) == KL_ESTIMATOR_NAMES, (tuple(KL_ESTIMATORS), KL_ESTIMATOR_NAMES)
+assert (*SEQUENCE_ADVANTAGES, "soft_value") == ADVANTAGES, ((*SEQUENCE_ADVANTAGES, "soft_value"), ADVANTAGES)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref): KL_ESTIMATORS[estimator](logp - ref_logp).  (B, T) -> (B, T)"""
+    return lookup("KL estimator", KL_ESTIMATORS, estimator)(logp - ref_logp)
 
 
 def kl_penalised_rewards(rewards: torch.Tensor, behaviour_logp: torch.Tensor, ref_logp: torch.Tensor,

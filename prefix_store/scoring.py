@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from protocol.registry import lookup
+
 
 @dataclass
 class Candidates:
@@ -112,14 +114,6 @@ SCORERS: dict[str, Scorer] = {
 }
 
 
-def register_scorer(name: str):
-    """Decorator: make a new scorer selectable by name from config."""
-    def wrap(fn: Scorer) -> Scorer:
-        SCORERS[name] = fn
-        return fn
-    return wrap
-
-
 def combined_scorer(weights: dict[str, float]) -> Scorer:
     """score = sum_j w_j * z(score_j),  z(x) = (x - mean x) / (std x + 1e-9) over the current candidates.
 
@@ -142,8 +136,6 @@ def combined_scorer(weights: dict[str, float]) -> Scorer:
 
 
 def get_scorer(name: str, weights: dict[str, float] | None = None) -> Scorer:
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(SCORERS)}")
-    if name == "combined":
-        return combined_scorer(dict(weights or {}))
-    return SCORERS[name]
+    """SCORERS[name]; `combined` is built from `weights` (store.scorer_weights)."""
+    scorer = lookup("scorer", SCORERS, name)
+    return combined_scorer(dict(weights or {})) if name == "combined" else scorer

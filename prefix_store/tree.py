@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.messages import BranchPoint, Rollout
+from protocol.registry import check
 from prefix_store.scoring import get_scorer
 
 BRANCH_ACTIONS = ("resample", "force")
+"""How a branch point is re-entered: `resample` its position, or `force` the best top-k alternative there."""
 
 # Per-token columns and their dtypes: 31 bytes per stored token.
 TOKEN_COLUMNS = {
@@ -189,8 +191,7 @@ class PrefixShard:
     def __init__(self, *, scorer: str, beta: float, max_branches_per_position: int, max_tokens: int,
                  vocab_size: int, seed: int = 0, branch_action: str = "resample", step_delimiter: int = -1,
                  scorer_weights: dict[str, float] | None = None):
-        if branch_action not in BRANCH_ACTIONS:
-            raise ValueError(f"unknown branch action {branch_action!r}; choose one of {', '.join(BRANCH_ACTIONS)}")
+        check("branch action", BRANCH_ACTIONS, branch_action)
         self.scorer = get_scorer(scorer, scorer_weights)
         self.beta = beta
         self.max_branches = min(max_branches_per_position, CLOSED - 1)

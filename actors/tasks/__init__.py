@@ -12,6 +12,7 @@ See docs/TASKS.md.
 """
 from __future__ import annotations
 
+from protocol.registry import check
 from actors.tasks.chain import (BOS, DIGIT0, EOS, MAX_MODULUS, PAD, SEP, SPECIAL_TOKENS, TOKEN_ID, VOCAB, ChainTask,
                                 digit_token)
 
@@ -46,8 +47,7 @@ def make_task(cfg_or_name, *, horizon: int | None = None, heldout_size: int | No
         def get(key, default=None):
             value = getattr(cfg, key, default)
             return default if value is None else value
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    check("task", TASKS, name)
     horizon, heldout_size, seed = get("horizon", 4), get("heldout_size", 128), get("seed", 0)
     if name == "chain":
         return ChainTask(horizon=horizon, heldout_size=heldout_size, seed=seed, modulus=get("modulus", 10),

@@ -57,5 +57,5 @@ def test_make_task_chain_from_config_and_legacy_call():
     t = make_task(OmegaConf.structured(TaskConfig(horizon=5, modulus=7, prompt_len=3)))
     assert (t.horizon, t.modulus, t.prompt_len) == (5, 7, 3)
     assert make_task("chain", horizon=4, heldout_size=8, seed=0).prompt_len == 4
-    with pytest.raises(ValueError, match="unknown task 'x'; known tasks: chain, arithmetic, jsonl"):
+    with pytest.raises(ValueError, match="unknown task 'x'; choose one of chain, arithmetic, jsonl"):
         make_task("x", horizon=4, heldout_size=8, seed=0)

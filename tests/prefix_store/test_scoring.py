@@ -33,5 +33,5 @@ def test_scorer_values():
 
 
 def test_unknown_scorer_lists_valid_names():
-    with pytest.raises(ValueError, match="known scorers: " + ", ".join(SCORERS)):
+    with pytest.raises(ValueError, match="unknown scorer 'nope'; choose one of " + ", ".join(SCORERS)):
         get_scorer("nope")
