@@ -16,12 +16,14 @@ the same batch and the same cores in total (1 rank x 2 threads vs 2 x 1). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import tempfile
 import time
-import types
+
+from launch.config import LearnerConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -51,11 +53,9 @@ def make_batch(n: int, ctx: int, cont: int, vocab: int, seed: int = 0):
                       rewards=[0.0] * n, group_ids=[i // 4 for i in range(n)])
 
 
-def learner_cfg(**over):
-    base = dict(lr=1e-5, zero_stage=1, grad_clip=1.0, kl_coef=0.01, kl_estimator="k3", advantage="group", nudge=0.0, clip_ratio=0.2,
-                num_cpus=1, num_gpus=0, kl_mode="loss", ref_ema=0.0, dtype="float32", grad_accum_steps=1, world_size=1,
-                weight_decay=0.0, lr_schedule="constant", warmup_steps=0, decay_steps=0, min_lr_ratio=0.0)
-    return types.SimpleNamespace(**{**base, **over})
+def learner_cfg(**over) -> LearnerConfig:
+    """launch.config.LearnerConfig with the benchmark's learning rate (1e-5) and `over`; every other field its default."""
+    return dataclasses.replace(LearnerConfig(lr=1e-5), **over)
 
 
 class TorchLoop:
@@ -71,7 +71,7 @@ class TorchLoop:
         self.device = torch.device("cuda" if os.environ["DS_ACCELERATOR"] == "cuda" else "cpu")  # where the learner runs
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.pad_id = self.model.config.pad_token_id or 0
 
     def train_step(self, batch) -> float:

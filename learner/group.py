@@ -43,7 +43,7 @@ class LearnerGroup:
     def __init__(self, *, model_dir: str, learner_cfg, seed: int, micro_batch_size: int, env_vars: dict[str, str] | None = None,
                  local: bool = False):
         """local=True: one Learner in this process (world size 1), same API, for tests and debugging."""
-        self.world_size = 1 if local else int(getattr(learner_cfg, "world_size", 1))
+        self.world_size = 1 if local else int(learner_cfg.world_size)
         self.zero_stage = learner_cfg.zero_stage
         kwargs = dict(model_dir=model_dir, learner_cfg=learner_cfg, seed=seed, micro_batch_size=micro_batch_size)
         if local:

@@ -27,8 +27,10 @@ import shutil
 import time
 
 from learner.batch import TrainBatch, collate, token_logprobs
+from learner.names import DTYPES, KL_MODES
 from learner.objectives import kl_penalised_rewards, policy_loss, sequence_advantages
 from learner.schedule import lr_factor
+from protocol.registry import check
 
 METRICS = ("loss", "pg_loss", "kl", "clip_frac", "ratio_mean")
 
@@ -69,16 +71,16 @@ class Learner:
 
         torch.manual_seed(seed)
         random.seed(seed)
-        if getattr(learner_cfg, "num_threads", None):
+        if learner_cfg.num_threads:
             torch.set_num_threads(int(learner_cfg.num_threads))
         self.cfg = learner_cfg
         self.torch, self.deepspeed = torch, deepspeed
         self.rank, self.world_size, self.model_dir = rank, world_size, model_dir
-        self.ga = int(getattr(learner_cfg, "grad_accum_steps", 1))
-        self.bf16 = getattr(learner_cfg, "dtype", "float32") == "bfloat16"
+        self.ga = int(learner_cfg.grad_accum_steps)
+        self.bf16 = check("learner dtype", DTYPES, learner_cfg.dtype) == "bfloat16"
         self.zero_stage = learner_cfg.zero_stage
-        self.kl_mode = getattr(learner_cfg, "kl_mode", "loss")
-        self.ref_ema = float(getattr(learner_cfg, "ref_ema", 0.0))
+        self.kl_mode = check("KL mode", KL_MODES, learner_cfg.kl_mode)
+        self.ref_ema = float(learner_cfg.ref_ema)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.pad_id = model.config.pad_token_id or 0
         # Reference: a frozen copy of the base model (compute dtype), or an EMA anchor kept in fp32.
@@ -95,9 +97,9 @@ class Learner:
             "wall_clock_breakdown": False,
         }
         # torch AdamW (not DeepSpeed's CPU Adam: no op to compile); ZeRO partitions its state.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, weight_decay=getattr(learner_cfg, "weight_decay", 0.0))
-        sched_kw = dict(schedule=getattr(learner_cfg, "lr_schedule", "constant"), warmup_steps=getattr(learner_cfg, "warmup_steps", 0),
-                        decay_steps=getattr(learner_cfg, "decay_steps", 0), min_ratio=getattr(learner_cfg, "min_lr_ratio", 0.0))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
+        sched_kw = dict(schedule=learner_cfg.lr_schedule, warmup_steps=learner_cfg.warmup_steps,
+                        decay_steps=learner_cfg.decay_steps, min_ratio=learner_cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **sched_kw))
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                                  config=ds_config)

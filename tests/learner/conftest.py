@@ -1,5 +1,5 @@
 """A tiny random Llama (vocab 15) saved once per session, and learner configs; no base-model build needed."""
-import types
+import dataclasses
 
 import pytest
 
@@ -18,10 +18,10 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def learner_cfg(**over):
-    base = dict(lr=1e-2, zero_stage=1, grad_clip=1.0, kl_coef=0.05, kl_estimator="k3", advantage="group", nudge=0.0,
-                clip_ratio=0.2, num_cpus=1, num_gpus=0, kl_mode="loss", ref_ema=0.0, dtype="float32", grad_accum_steps=1,
-                world_size=1, weight_decay=0.0, lr_schedule="constant", warmup_steps=0, decay_steps=0, min_lr_ratio=0.0)
-    return types.SimpleNamespace(**{**base, **over})
+    """launch.config.LearnerConfig with the tests' lr 1e-2 and kl_coef 0.05 (visible in a few steps), then `over`."""
+    from launch.config import LearnerConfig
+
+    return dataclasses.replace(LearnerConfig(lr=1e-2, kl_coef=0.05), **over)
 
 
 def make_batch(behaviour=-2.0, adv=(0.5, -0.5, 0.5, -0.5)):
