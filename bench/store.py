@@ -77,7 +77,7 @@ def bench_select(shard: PrefixShard, k: int = 64, reps: int = 15) -> dict:
         t0 = time.perf_counter()
         shard.select(k)
         times.append((time.perf_counter() - t0) * 1000)
-    return {"positions": len(shard._candidate_positions()), "select_p50_ms": statistics.median(times),
+    return {"positions": int(shard._available().sum()), "select_p50_ms": statistics.median(times),
             "select_p90_ms": float(np.percentile(times, 90))}
 
 

@@ -179,10 +179,6 @@ def kl_penalised_rewards(rewards: torch.Tensor, behaviour_logp: torch.Tensor, re
     return (rewards - kl_coef * kl.sum(-1)).detach()
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def forced_token_mask(context_lens: torch.Tensor, forced: torch.Tensor, length: int) -> torch.Tensor:
     """(B, L) 1 at the position of the forced branch token (the last context token) of forced rows.
 

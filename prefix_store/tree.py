@@ -404,9 +404,6 @@ class PrefixShard:
         n = p.n
         return p["branches"][:n] < self.max_branches
 
-    def _candidate_positions(self) -> np.ndarray:
-        return np.flatnonzero(self._available())
-
     def peek(self, k: int) -> list[BranchPoint]:
         """The k best branch points by the configured scorer, one per distinct prefix; no side effects.
 

@@ -124,9 +124,6 @@ class ChainTask:
     def answer_ids(self, digits: tuple[int, ...]) -> list[int]:
         return [digit_token(s) for s in self.running_sums(digits)] + [EOS]
 
-    def answer_text(self, digits: tuple[int, ...]) -> str:
-        return " ".join(map(str, self.running_sums(digits)))
-
     @property
     def max_new_tokens(self) -> int:
         return self.horizon + 1
