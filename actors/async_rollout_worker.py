@@ -188,9 +188,13 @@ class AsyncRolloutWorker(WorkerBase):
     async def transfer_shutdown(self) -> None:
         await self.engine.shutdown_weight_transfer_engine()
 
-    async def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""
+    async def sequence_logprobs(self, token_ids: list[int], min_version: int = 0) -> list[float]:
+        """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner.
+        Raises `StaleWeights` below `min_version` (a restarted actor before its re-sync), as `generate` does."""
+        if self.version < min_version:
+            await self.gate.until(lambda: self.version >= min_version, self.stale_grace_s)
         async with self.gate.generating():
+            self._check_version(min_version)
             prompt, params = sequence_inputs(token_ids)
             return sequence_logprobs_of(token_ids, await self._final(prompt, params))
 

@@ -10,12 +10,17 @@ returns nothing, so no rollout is lost or counted twice), and the restarted
 actor is sent the latest weights before it is given requests again. Every
 call carries `min_version`, so an actor that restarted unnoticed refuses to
 serve with its initial weights (`StaleWeights`) and is re-synced.
-An actor that has not taken the weights `actor_lost_after_s` seconds after
-it died (Ray is out of restarts for it, or its engine cannot start) is
-given up: the run goes on with the others, or stops with one line
-(`RolloutActorLost`) when none is left. Ray's exceptions cannot tell a
-final death from a death that will be restarted (calls to a restarting
-actor fail too), so the bound is on time without a landed sync.
+Every call to an actor goes through this recovery, not only `generate`:
+the wait for the engines at start (a kill while an engine starts), `pids`,
+`update_weights` (a death mid-push), `sequence_logprobs` (the final weight
+check; it too refuses stale weights) and `cache_stats`. An actor is given
+up at once when Ray reports it DEAD (out of `max_restarts`, or its engine
+raised while starting), else when it has not taken the weights
+`actor_lost_after_s` seconds after it died (a restart that never ends):
+the run goes on with the others, or stops with one line
+(`RolloutActorLost`, naming each actor, its pid and the call it died in)
+when none is left. Each death and each return is one `[graftrl]` line on
+stderr (the actor, its pid, the call; the new pid and the weights' version).
 
 Bad requests do not fail the call: they come back as `RequestError`s, kept
 in `self.errors` until `pop_errors()`.
@@ -46,7 +51,9 @@ ENGINES = {"sync": RolloutWorker, "async": AsyncRolloutWorker}
 
 
 class RolloutActorLost(RuntimeError):
-    """Every rollout actor has died and none took the current weights within `rollout.actor_lost_after_s`."""
+    """No rollout actor is left (each died and Ray will not restart it, or none took the current weights within
+    `rollout.actor_lost_after_s`), or a call failed on `rollout.request_retries` + 1 actors in a row. The message is
+    one line naming the actors, their pids and the calls they died in."""
 
 
 def worker_class(engine: str):
@@ -68,7 +75,6 @@ class RolloutGroup:
             runtime_env={"env_vars": {**(env_vars or {}), "VLLM_CPU_KVCACHE_SPACE": str(rollout_cfg.kv_cache_gib)}})
         self.actors = [actor_cls.remote(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg,
                                         actor_id=i, seed=seed + i) for i in range(rollout_cfg.num_actors)]
-        ray.get([a.get_version.remote() for a in self.actors])  # wait until every engine is up
         self.root_owner: dict[str, int] = {}
         self.errors: list[RequestError] = []
         self.verifier_errors = 0
@@ -84,8 +90,18 @@ class RolloutGroup:
         self._syncing: dict[int, object] = {}  # actor index -> ref of its pending re-sync
         self._down_since: dict[int, float] = {}  # actor index -> when it died (cleared when a sync lands)
         self.lost: set[int] = set()
-        """Actors given up on (no sync landed within `actor_lost_after_s` of their death); never routed to again."""
+        """Actors given up on (Ray will not restart them, or no sync landed within `actor_lost_after_s` of their
+        death); never routed to again."""
+        self._init_fault_state()
         self._init_weight_state()
+        self._wait_started()
+
+    def _init_fault_state(self) -> None:
+        """What the fault handling keeps besides `_syncing`, `_down_since` and `lost` (tests without actors call it)."""
+        self._pids: dict[int, int] = {}  # actor index -> its process id, as last seen (the one that died, after a death)
+        self._died_in: dict[int, str] = {}  # actor index -> the call during which its last death was noticed
+        self._lost_why: dict[int, str] = {}  # actor index -> one line: why it was given up
+        self._state_lock = threading.RLock()  # async mode: the prefetch thread's generate beside the driver's push
 
     def _init_weight_state(self) -> None:
         """What the vLLM weight transports add (kept apart so tests can build a group without actors)."""
@@ -114,13 +130,14 @@ class RolloutGroup:
             queues = route(todo, self._available(), self.root_owner, affinity=self.cfg.affinity)
             calls = [(i, q, self.actors[i].generate.remote(q, temperature=temperature, min_version=self._version))
                      for i, q in enumerate(queues) if q]
-            todo, round_engine_s = [], 0.0
+            todo, round_engine_s, failed = [], 0.0, []
             for i, q, ref in calls:
                 try:
                     out: Generated = ray.get(ref)
                 except (RayActorError, StaleWeights) as e:
-                    self._resync(i, died=not isinstance(e, StaleWeights))
+                    self._resync(i, died=not isinstance(e, StaleWeights), call="generate")
                     todo += q
+                    failed.append(self._describe(i) + (" was stale" if isinstance(e, StaleWeights) else " died"))
                     continue
                 rollouts += out.rollouts
                 round_engine_s = max(round_engine_s, out.engine_s)
@@ -131,7 +148,9 @@ class RolloutGroup:
                 attempt += 1
                 self.retried_requests += len(todo)
                 if attempt > self.cfg.request_retries:
-                    raise RuntimeError(f"{len(todo)} requests failed on {attempt} actors in a row; giving up")
+                    raise RolloutActorLost(f"generate: {len(todo)} requests failed {attempt} times in a row "
+                                           f"(rollout.request_retries={self.cfg.request_retries}); last: "
+                                           f"{', '.join(failed)}")
         return rollouts
 
     def pop_errors(self) -> list[RequestError]:
@@ -140,8 +159,18 @@ class RolloutGroup:
         return errors
 
     def cache_stats(self, reset: bool = False) -> dict:
-        """Prefix-cache queries/hits in tokens summed over actors, and the hit rate."""
-        stats = self._get([a.cache_stats.remote(reset) for a in self.actors])
+        """Prefix-cache queries/hits in tokens summed over the live actors, and the hit rate (a dead actor's counters
+        died with it: it counts 0, and is re-synced)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = {i: a.cache_stats.remote(reset) for i, a in enumerate(self.actors) if i not in self.lost}
+        stats = []
+        for i, ref in refs.items():
+            try:
+                stats.append(ray.get(ref))
+            except RayActorError:
+                self._resync(i, died=True, call="cache_stats")
         q, h = sum(s["prompt_tokens"] for s in stats), sum(s["cached_tokens"] for s in stats)
         return {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else 0.0}
 
@@ -193,79 +222,210 @@ class RolloutGroup:
         from ray.exceptions import RayActorError
 
         refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors) if i not in self.lost}
-        self._syncing.clear()
+        with self._state_lock:
+            self._syncing.clear()
         for i, ref in refs.items():
             try:
                 ray.get(ref)
-                self._down_since.pop(i, None)
-            except RayActorError:
-                self._resync(i, died=True)
+                self._landed(i)
+            except RayActorError:  # died mid-push (or before it, restarting): re-sent until it is back
+                self._resync(i, died=True, call=f"update_weights (version {version})")
 
-    def _resync(self, i: int, *, died: bool) -> None:
-        """Actor i restarted (or is stale): send it the latest weights; it takes requests once that has landed."""
-        self.restarts_seen += died
-        if died:
-            self._down_since.setdefault(i, time.monotonic())
-        a = self.actors[i]
-        if self._latest is None and self._latest_fn is not None:  # the last push went by a vLLM transfer engine
-            self._latest = (self._latest_fn(), self._version)
-        self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
-                            else a.get_version.remote())
+    def _resync(self, i: int, *, died: bool, call: str = "a call") -> None:
+        """Actor i died during `call` (or is stale): send it the latest weights; it takes requests once that has
+        landed. Gives it up instead when Ray will not restart it or it has been down `actor_lost_after_s`; raises
+        `RolloutActorLost` when that leaves no actor."""
+        with self._state_lock:
+            if died:
+                now = time.monotonic()
+                if i not in self._down_since:  # a new death (repeated failures while it restarts are not)
+                    self._down_since[i] = now
+                    self.restarts_seen += 1
+                    self._died_in[i] = call
+                    others = "; its requests go to the other actors meanwhile" if len(self.actors) > 1 else ""
+                    print(f"[graftrl] warning: {self._describe(i)} died during {call}; it gets the latest weights "
+                          f"once Ray has restarted it (rollout.max_restarts={self.cfg.max_restarts}){others}",
+                          file=sys.stderr, flush=True)
+                lost_after = float(self.cfg.actor_lost_after_s)
+                dead = self._dead_for_good(i)
+                if dead or now - self._down_since[i] > lost_after:
+                    self._give_up(i, f"Ray will not restart it ({dead})" if dead else
+                                  f"it did not take the weights within rollout.actor_lost_after_s={lost_after:g} s")
+                    return
+            a = self.actors[i]
+            if self._latest is None and self._latest_fn is not None:  # the last push went by a vLLM transfer engine
+                self._latest = (self._latest_fn(), self._version)
+            self._syncing[i] = (a.update_weights.remote(*self._latest) if self._latest is not None
+                                else a.get_version.remote())
 
-    def _available(self) -> list[bool]:
-        """Actors not waiting for a re-sync; if none is, wait for the first re-sync to land."""
+    def _landed(self, i: int) -> None:
+        """Actor i took the current weights: it serves again (a restarted one is announced with its new pid)."""
+        with self._state_lock:
+            self._syncing.pop(i, None)
+            down = self._down_since.pop(i, None)
+            if down is None:
+                return
+            state = self._ray_state(i)
+            if state and state.get("Pid"):
+                self._pids[i] = int(state["Pid"])
+            print(f"[graftrl] {self._describe(i)} is back {time.monotonic() - down:.1f} s after it died during "
+                  f"{self._died_in.get(i, 'a call')}, serving policy version {self._version}", file=sys.stderr,
+                  flush=True)
+
+    def _poll(self) -> bool:
+        """Account for the re-syncs that have landed or failed (without waiting); True if one failed."""
         import ray
         from ray.exceptions import RayActorError
 
-        lost_after = float(self.cfg.actor_lost_after_s)
+        failed = False
+        for i, ref in list(self._syncing.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(ref)
+                self._landed(i)
+            except RayActorError:  # died again during the sync, or still restarting: again after its restart
+                self._resync(i, died=True, call="its weight re-sync")
+                failed = True
+        return failed
+
+    def _wait_syncs(self, failed: bool, only: list[int] | None = None) -> None:
+        import ray
+
+        refs = [r for i, r in self._syncing.items() if only is None or i in only]
+        if failed or not refs:
+            time.sleep(0.5)  # a dead actor fails every call at once: do not spin
+        else:
+            ray.wait(refs, num_returns=1, timeout=min(600.0, float(self.cfg.actor_lost_after_s)))
+
+    def _available(self) -> list[bool]:
+        """Actors not waiting for a re-sync; if none is, wait for the first re-sync to land."""
         while True:
-            failed = False
-            for i, ref in list(self._syncing.items()):
-                ready, _ = ray.wait([ref], timeout=0)
-                if ready:
-                    try:
-                        ray.get(ref)
-                        del self._syncing[i]
-                        self._down_since.pop(i, None)
-                    except RayActorError:  # died again during the sync: try again after its next restart
-                        if time.monotonic() - self._down_since.get(i, time.monotonic()) > lost_after:
-                            self._give_up(i, lost_after)
-                        else:
-                            self._resync(i, died=True)
-                            failed = True
+            failed = self._poll()
             ok = [i not in self._syncing and i not in self.lost for i in range(len(self.actors))]
             if any(ok):
                 return ok
             if len(self.lost) == len(self.actors):
-                raise RolloutActorLost(
-                    f"every rollout actor died and none took the weights within rollout.actor_lost_after_s={lost_after:g} s "
-                    f"(rollout.max_restarts={self.cfg.max_restarts}); see the actors' logs under the Ray "
-                    "session folder")
-            if failed:
-                time.sleep(0.5)  # a dead actor fails every call at once: do not spin
-            else:
-                ray.wait(list(self._syncing.values()), num_returns=1, timeout=min(600.0, lost_after))
+                raise RolloutActorLost(self._lost_message())
+            self._wait_syncs(failed)
 
-    def _give_up(self, i: int, lost_after: float) -> None:
+    def _await(self, i: int) -> bool:
+        """Wait until actor i serves with the current weights (True) or is given up (False)."""
+        while True:
+            failed = self._poll()
+            if i in self.lost:
+                return False
+            if i not in self._syncing:
+                return True
+            self._wait_syncs(failed, [i])
+
+    def _give_up(self, i: int, why: str) -> None:
         import ray
 
-        ray.kill(self.actors[i], no_restart=True)  # one that is only slow to come back must not hold its CPUs/GPU
-        del self._syncing[i]
-        self._down_since.pop(i, None)
-        self.lost.add(i)
-        print(f"[graftrl] warning: rollout actor {i} has not come back {lost_after:g} s after it died; going on "
-              f"with {len(self.actors) - len(self.lost)} of {len(self.actors)} actors", file=sys.stderr, flush=True)
+        with self._state_lock:
+            with contextlib.suppress(Exception):  # one that is only slow to come back must not hold its CPUs/GPU
+                ray.kill(self.actors[i], no_restart=True)
+            self._syncing.pop(i, None)
+            self._down_since.pop(i, None)
+            self.lost.add(i)
+            self._lost_why[i] = f"{self._describe(i)} died during {self._died_in.get(i, 'a call')} and {why}"
+            left = len(self.actors) - len(self.lost)
+            if left == 0:
+                raise RolloutActorLost(self._lost_message())
+            print(f"[graftrl] warning: {self._lost_why[i]}; going on with {left} of {len(self.actors)} actors",
+                  file=sys.stderr, flush=True)
+
+    def _lost_message(self) -> str:
+        whys = [self._lost_why.get(i, f"{self._describe(i)} was given up") for i in sorted(self.lost)]
+        return "; ".join(whys) + f"; no rollout actor is left (rollout.num_actors={len(self.actors)})"
+
+    def _describe(self, i: int) -> str:
+        return f"rollout actor {i} (pid {self._pids.get(i, '?')})"
+
+    def _ray_state(self, i: int) -> dict | None:
+        """Ray's record of actor i (its GCS table entry: State, NumRestarts, Pid, ...); None when Ray cannot say."""
+        try:
+            import ray
+            from ray._private.state import actors as actor_table  # what `ray list actors` reads; no dashboard needed
+
+            if not ray.is_initialized():
+                return None
+            return actor_table(self.actors[i]._actor_id.hex()) or None
+        except Exception:  # noqa: BLE001 - a handle without Ray (tests), or an API that moved: fall back on time
+            return None
+
+    def _dead_for_good(self, i: int) -> str:
+        """Why Ray will never restart actor i (it is DEAD: out of restarts, or its constructor raised), else ''."""
+        state = self._ray_state(i)
+        if not state or state.get("State") != "DEAD":
+            return ""
+        if i not in self._pids and state.get("Pid"):
+            self._pids[i] = int(state["Pid"])  # died before it ever answered: Ray's record has the pid
+        try:
+            cause = state["DeathCause"]  # a protobuf ActorDeathCause
+            if cause.WhichOneof("context") == "creation_task_failure_context":
+                raised = cause.creation_task_failure_context.formatted_exception_string.strip().splitlines()
+                return f"its engine raised while starting: {raised[-1].strip()}"
+        except Exception:  # noqa: BLE001 - no cause recorded, or another layout: the generic reason
+            pass
+        return f"out of restarts: rollout.max_restarts={self.cfg.max_restarts}"
+
+    def _wait_started(self) -> None:
+        """Wait until every engine is up. An actor killed while its engine starts is restarted by Ray: wait for it
+        (bounded like any dead actor); one Ray will not restart is given up (the others go on)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pending = {i: a.pid.remote() for i, a in enumerate(self.actors)}
+        while pending:
+            ready, _ = ray.wait(list(pending.values()), num_returns=1)
+            i = next(i for i, r in pending.items() if r == ready[0])
+            del pending[i]
+            try:
+                self._pids[i] = ray.get(ready[0])
+                self._landed(i)
+            except RayActorError:
+                self._resync(i, died=True, call="its engine start")  # raises when no actor is left
+                if i not in self.lost:
+                    self._syncing.pop(i, None)
+                    time.sleep(0.5)
+                    pending[i] = self.actors[i].pid.remote()
+
+    def _call(self, i: int | None, method: str, *args, **kwargs):
+        """`method` on actor i (None: the first one serving), surviving deaths: a dead actor is re-synced and the call
+        goes to it again once it is back (i given), or to the next serving actor; at most request_retries + 1 tries."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for _ in range(self.cfg.request_retries + 1):
+            j = self._available().index(True) if i is None else i
+            if i is not None and not self._await(i):
+                raise RolloutActorLost(self._lost_why[i] + f" (asked for {method})")
+            try:
+                return ray.get(getattr(self.actors[j], method).remote(*args, **kwargs))
+            except (RayActorError, StaleWeights) as e:
+                self._resync(j, died=not isinstance(e, StaleWeights), call=method)
+        raise RolloutActorLost(f"{method} failed {self.cfg.request_retries + 1} times in a row "
+                               f"(rollout.request_retries={self.cfg.request_retries}); last: {self._describe(j)}")
 
     # ----- misc ------------------------------------------------------------------------------------------------------
     def sequence_logprobs(self, token_ids: list[int], actor: int | None = None) -> list[float]:
-        """log pi(x_t | x_<t) under actor `actor`'s weights (default: the first actor serving with the latest)."""
+        """log pi(x_t | x_<t) under actor `actor`'s weights (default: the first actor serving with the latest).
+        An actor that died (or restarted unnoticed) gets the latest weights first: the run's final weight check."""
         with self._serving():
-            if actor is None:
-                actor = self._available().index(True)
-            return self._get(self.actors[actor].sequence_logprobs.remote(token_ids))
+            return self._call(actor, "sequence_logprobs", token_ids, min_version=self._version)
 
-    def pids(self) -> list[int]:
-        return self._get([a.pid.remote() for a in self.actors])
+    def pids(self) -> list[int | None]:
+        """Process id of each actor (a restarting one's once it is back; None: given up)."""
+        for i in range(len(self.actors)):
+            if i not in self.lost:
+                try:
+                    self._pids[i] = self._call(i, "pid")
+                except RolloutActorLost:
+                    if len(self.lost) == len(self.actors):
+                        raise
+        return [None if i in self.lost else self._pids.get(i) for i in range(len(self.actors))]
 
     def _get(self, refs):
         import ray

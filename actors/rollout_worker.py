@@ -169,8 +169,7 @@ class WorkerBase:
 
     def _split(self, requests: list[RolloutRequest], min_version: int) -> tuple[list[RolloutRequest], list[RequestError]]:
         """Servable requests and one `RequestError` per bad one; `StaleWeights` if this engine is too old."""
-        if self.version < min_version:
-            raise StaleWeights(f"actor {self.actor_id} holds version {self.version} < {min_version}")
+        self._check_version(min_version)
         good, errors = [], []
         for req in requests:
             try:
@@ -179,6 +178,10 @@ class WorkerBase:
             except RolloutRequestError as e:
                 errors.append(self._error(req, str(e)))
         return good, errors
+
+    def _check_version(self, min_version: int) -> None:
+        if self.version < min_version:
+            raise StaleWeights(f"actor {self.actor_id} holds version {self.version} < {min_version}")
 
     def _error(self, req: RolloutRequest, message: str) -> RequestError:
         return RequestError(request_id=req.request_id, root_id=req.root_id, branch_ref=req.branch_ref,
@@ -329,7 +332,9 @@ class RolloutWorker(WorkerBase):
     def transfer_shutdown(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
 
-    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner."""
+    def sequence_logprobs(self, token_ids: list[int], min_version: int = 0) -> list[float]:
+        """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner.
+        Raises `StaleWeights` below `min_version` (a restarted actor before its re-sync), as `generate` does."""
+        self._check_version(min_version)
         prompt, params = sequence_inputs(token_ids)
         return sequence_logprobs_of(token_ids, self.llm.generate([prompt], params, use_tqdm=False)[0])

@@ -132,6 +132,7 @@ def make_group(transport: str, handles: list, log: Log) -> RolloutGroup:
                                   actor_lost_after_s=600.0, max_restarts=3)
     g.actors, g.lost, g._latest, g._version, g._syncing, g._down_since = handles, set(), None, 0, {}, {}
     g.restarts_seen, g.root_owner, g.errors, g.verifier_errors, g.retried_requests = 0, {}, [], 0, 0
+    g._init_fault_state()
     g._init_weight_state()
     g._get = get
 
