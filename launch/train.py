@@ -28,15 +28,37 @@ def train(cfg: Config, run_dir: str, log=print, resume: bool = False) -> dict:
     """Start the components, run the Trainer, always stop the actors and Ray (also on errors and Ctrl-C)."""
     import ray
 
-    t_start = time.time()
-    comp = start_components(cfg, log)
+    t_start, trainer = time.time(), None
     try:
-        write_pids(run_dir, comp)
-        return Trainer(comp, cfg, run_dir, log).run(resume=resume, t_start=t_start)
+        comp = start_components(cfg, log)
+        try:
+            write_pids(run_dir, comp)
+            trainer = Trainer(comp, cfg, run_dir, log)
+            return trainer.run(resume=resume, t_start=t_start)
+        finally:
+            comp.rollout.shutdown()
+            comp.learner.shutdown()
+    except Exception as e:  # what the run was doing, and which actor died while Ray can still say: notes for one line
+        e.add_note(PHASE_NOTE + (trainer.phase if trainer else "the start-up (rollout actors, prefix store, learner)"))
+        if getattr(e, "actor_id", None):
+            e.add_note(ACTOR_NOTE + ray_actor_record(e.actor_id))
+        raise
     finally:
-        comp.rollout.shutdown()
-        comp.learner.shutdown()
         ray.shutdown()
+
+
+PHASE_NOTE, ACTOR_NOTE = "[graftrl] phase: ", "[graftrl] actor: "
+
+
+def ray_actor_record(actor_id: str) -> str:
+    """Class and pid of a Ray actor from Ray's actor table (Ray's ActorUnavailableError names neither)."""
+    try:
+        from ray._private.state import actors as actor_table
+
+        rec = actor_table(actor_id)
+        return f"{rec['ActorClassName']}, pid {rec.get('Pid') or '?'}, {rec['State']}"
+    except Exception:  # noqa: BLE001 - Ray down or the table's layout moved: the error's own text is all there is
+        return ""
 
 
 def write_pids(run_dir: str, comp: Components) -> None:
@@ -71,20 +93,27 @@ def parse_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 
 def component_died(e: Exception) -> str | None:
-    """One line naming the process that died, when `e` says a learner rank or another actor of the run died."""
+    """One line naming the process that died and what the run was doing, when `e` says a learner rank or another
+    actor of the run died (`train` notes the phase, and the class and pid of an actor Ray's error does not name)."""
     from ray.exceptions import RayActorError
 
     from actors.group import RolloutActorLost
     from learner.group import LearnerDied
 
+    notes = {n.split(": ", 1)[0] + ": ": n.split(": ", 1)[1] for n in getattr(e, "__notes__", ()) if ": " in n}
     if isinstance(e, (LearnerDied, RolloutActorLost)):
-        return str(e)
-    if isinstance(e, RayActorError):
-        text = str(e)
+        line = str(e)
+    elif isinstance(e, RayActorError):
+        # ActorDiedError: "The actor died unexpectedly ...\n\tclass_name: X\n\tactor_id: ...\n\tpid: N ...";
+        # ActorUnavailableError (killed mid-call or restarting): "The actor <id> is unavailable: ..." and no class/pid
+        text = str(e).strip()
         cls, pid = re.search(r"class_name: (\S+)", text), re.search(r"\bpid: (\d+)", text)
-        return (f"a Ray actor of the run died ({cls.group(1) if cls else 'unknown class'}, "
-                f"pid {pid.group(1) if pid else '?'}): {text.strip().splitlines()[0]}")
-    return None
+        known = notes.get(ACTOR_NOTE) or (f"{cls.group(1) if cls else 'unknown class'}, pid {pid.group(1) if pid else '?'}")
+        line = f"a Ray actor of the run died ({known}; Ray actor id {getattr(e, 'actor_id', None) or '?'}): {text.splitlines()[0]}"
+    else:
+        return None
+    phase = notes.get(PHASE_NOTE)
+    return f"{line}; the run stopped in {phase}" if phase else line
 
 
 def resume_hint(run_dir: str) -> str:

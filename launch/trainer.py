@@ -102,13 +102,16 @@ class PhaseTimer:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.current: str | None = None
+        """The phase being timed now (the driver's one-line error names it when a process dies)."""
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        t0 = time.perf_counter()
+        t0, outer, self.current = time.perf_counter(), self.current, name
         try:
             yield
         finally:
+            self.current = outer
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
@@ -268,6 +271,8 @@ class Trainer:
         self.version = 0
         """The learner's policy version (the update count it reports), kept here instead of asked for every step."""
         self.timer = PhaseTimer()
+        self.stage = "the start"
+        """Where `run` is (with `timer.current`: `phase`)."""
         self.prefetcher = Prefetcher(self.generate)
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         """Runs the store insert beside the learner update (the store client is thread-safe)."""
@@ -275,6 +280,12 @@ class Trainer:
         self.last_rollouts: list = []
         self.last_fresh_roots: list[str] = []
         """Root ids of the fresh prompts of the last step, in order (kept in history.json, not sent to wandb)."""
+
+    @property
+    def phase(self) -> str:
+        """What the run is doing now, e.g. `step 3/4, push_weights` or `the final weight check` (the driver's
+        one-line error names it when a process of the run dies)."""
+        return f"{self.stage}, {self.timer.current}" if self.timer.current else self.stage
 
     # ----- the phases of one step ------------------------------------------------------------------------------
     def select(self, step: int) -> StepPlan:
@@ -442,6 +453,7 @@ class Trainer:
         cfg, tc, c = self.cfg, self.cfg.train, self.counters
         wandb_id = None
         if resume:
+            self.stage = "the resume from the last checkpoint"
             wandb_id = self.restore_checkpoint()
             c = self.counters
             self.log(f"[graftrl] resumed {self.run_dir} at step {self.step}")
@@ -450,12 +462,15 @@ class Trainer:
             config=OmegaConf.to_container(cfg, resolve=True), id=wandb_id, resume="allow" if resume else None)
         startup_s, first_step = time.time() - t_start, self.step
         if not resume:
+            self.stage = "the evaluation before training"
             self.evaluate()
         t_train = time.time()
         bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", disable=None)
         while self.step < tc.steps:
+            self.stage = f"step {self.step + 1}/{tc.steps}"
             metrics = self.train_step()
             step, reached = self.step, False
+            self.stage = f"the end of step {step}/{tc.steps} (evaluation, snapshot, logs, checkpoint)"
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 metrics["eval/heldout_success"] = self.evaluate()
                 reached = tc.stop_at_success is not None and metrics["eval/heldout_success"] >= tc.stop_at_success
@@ -493,11 +508,14 @@ class Trainer:
             "policy_version": self.version, "startup_seconds": round(startup_s, 1), "train_seconds": round(train_s, 1),
         }
         if not STOP.is_set():
+            self.stage = "the final weight check"
             summary["weight_sync_check"] = check = weight_sync_check(self.comp.rollout, self.comp.learner, self.comp.task)
             self.log(f"[graftrl] weight sync check: max |engine - learner| logprob = {check['max_abs_diff']:.2e}")
+            self.stage = "the final evaluation"
             summary["heldout_success_after"] = self.evaluate()
             run.log({"eval/heldout_success": summary["heldout_success_after"]}, step=done)
             self.comp.store.snapshot(os.path.join(self.run_dir, "store"))
+        self.stage = "the end of the run (store snapshot, summary, plots)"
         summary.update(eval_tokens=c.eval_tokens, evals=c.evals, wall_seconds=round(time.time() - t_start, 1))
         write_history(self.run_dir, c.history)
         write_plots(self.run_dir, c.history, c.evals)
