@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         tiny, big = f_tiny.result(), f_big.result()
     t_up = time.time() - t_start
     print(f"[bench.rollout] engines up after {t_up:.0f}s", file=sys.stderr)
-    task = make_task(task_cfg.name, horizon=task_cfg.horizon, heldout_size=task_cfg.heldout_size, seed=task_cfg.seed)
+    task = make_task(task_cfg)
     reps = 3 if args.quick else 5
     thr = throughput(tiny.actors[0], task, requests=256 if args.quick else 1024, reps=reps)
     roots = 32 if args.quick else 128

@@ -48,7 +48,7 @@ def test_chain_rejects_bad_settings():
         ChainTask(horizon=4, modulus=2, prompt_len=1)
 
 
-def test_make_task_chain_from_config_and_legacy_call():
+def test_make_task_chain_from_config():
     from omegaconf import OmegaConf
 
     from actors.tasks import make_task
@@ -56,6 +56,6 @@ def test_make_task_chain_from_config_and_legacy_call():
 
     t = make_task(OmegaConf.structured(TaskConfig(horizon=5, modulus=7, prompt_len=3)))
     assert (t.horizon, t.modulus, t.prompt_len) == (5, 7, 3)
-    assert make_task("chain", horizon=4, heldout_size=8, seed=0).prompt_len == 4
+    assert make_task(TaskConfig(horizon=4, heldout_size=8)).prompt_len == 4
     with pytest.raises(ValueError, match="unknown task 'x'; choose one of chain, arithmetic, jsonl"):
-        make_task("x", horizon=4, heldout_size=8, seed=0)
+        make_task(TaskConfig(name="x"))
