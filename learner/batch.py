@@ -54,7 +54,7 @@ def build_train_batch(rollouts: list[Rollout], *, advantage: str, nudge: float,
     `advantage` is one of learner.names.ADVANTAGES. For `soft_value`,
     `values[i]` holds V(s_0), ..., V(s_{n-1}) along rollout i's n new tokens
     (s_t = its context + first t new tokens; from the prefix store's
-    `node_stats(...)["soft_value"]`); V after the last token is its reward.
+    `soft_values`); V after the last token is its reward.
     The sequence advantage is then r - V(s_0) + nudge.
     """
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)

@@ -129,7 +129,7 @@ def soft_value_advantages(values: torch.Tensor, mask: torch.Tensor, *, nudge: fl
     telescopes: sum_t A_t = r - V(s_0) (the sequence signal with the soft
     value of the start as baseline). The store estimates V(s) =
     beta log mean exp(r / beta) from the rollouts that passed through s
-    (`PrefixShard.node_stats(...)["soft_value"]`); they come from recent
+    (`PrefixStore.soft_values`, along each rollout's path); they come from recent
     policies, not pi_ref, so V is an estimate, accurate when pi is near pi_ref.
     values: (B, T+1) with values[i, :n_i+1] = V(s_0..s_{n_i}) (the entry after the
     last token of row i must be its reward); mask (B, T) -> (B, T), 0 off the mask.

@@ -1,7 +1,8 @@
 """PrefixStore: PrefixShard actors behind one client; roots map to shards by a stable hash.
 
-`num_shards=0` keeps a single shard in-process (same API), for tests and debugging.
-Global top-k = merge of per-shard top-k by score, then each shard claims its winners.
+`remote=False` keeps the shards in-process (same API), for tests and debugging.
+Global top-k = merge of per-shard top-k by score, then each shard claims its winners
+(under every shard's lock, so no other client thread's insert evicts a peeked tree first).
 
 Dead shards (issue #9). The client keeps, per shard, the path of its last
 snapshot (its *base*) and a *replay log* of every state-changing call made

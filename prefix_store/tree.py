@@ -15,9 +15,10 @@ token and its logprob, ReBalance step confidence/variance, branch count, the
 node that owns it and the node whose statistics describe the prefix before
 it). An edge is a contiguous slice of the pool: splitting an edge only cuts
 a slice, and selecting branch points is a vectorised pass over the pool.
-Nodes are rows of parallel arrays too (parent, slice, depth, visits, reward
-sum and sum of squares, soft-value accumulator, version, actor, terminal
-count); `children` maps node * vocab + first token to the child.
+Nodes are rows of parallel arrays too (parent, pool slice, depth of the
+edge's first token, root, visits, reward sum and sum of squares, soft-value
+accumulator, policy version and actor of the rollout that first stored
+the edge, terminal count); `children` maps node * vocab + first token to the child.
 
 A node's statistics count the trajectories whose continuation passes
 through its *edge*; every token of one edge therefore shares them. A branch
