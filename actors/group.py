@@ -237,21 +237,22 @@ class RolloutGroup:
         `RolloutActorLost` when that leaves no actor."""
         with self._state_lock:
             if died:
-                now = time.monotonic()
-                if i not in self._down_since:  # a new death (repeated failures while it restarts are not)
+                now, new = time.monotonic(), i not in self._down_since  # (failures while it restarts: not new)
+                if new:
                     self._down_since[i] = now
                     self.restarts_seen += 1
                     self._died_in[i] = call
-                    others = "; its requests go to the other actors meanwhile" if len(self.actors) > 1 else ""
-                    print(f"[graftrl] warning: {self._describe(i)} died during {call}; it gets the latest weights "
-                          f"once Ray has restarted it (rollout.max_restarts={self.cfg.max_restarts}){others}",
-                          file=sys.stderr, flush=True)
                 lost_after = float(self.cfg.actor_lost_after_s)
                 dead = self._dead_for_good(i)
                 if dead or now - self._down_since[i] > lost_after:
                     self._give_up(i, f"Ray will not restart it ({dead})" if dead else
-                                  f"it did not take the weights within rollout.actor_lost_after_s={lost_after:g} s")
+                                  f"did not take the weights within rollout.actor_lost_after_s={lost_after:g} s")
                     return
+                if new:
+                    others = "; its requests go to the other actors meanwhile" if len(self.actors) > 1 else ""
+                    print(f"[graftrl] warning: {self._describe(i)} died during {call}; it gets the latest weights "
+                          f"once Ray has restarted it (rollout.max_restarts={self.cfg.max_restarts}){others}",
+                          file=sys.stderr, flush=True)
             a = self.actors[i]
             if self._latest is None and self._latest_fn is not None:  # the last push went by a vLLM transfer engine
                 self._latest = (self._latest_fn(), self._version)
