@@ -20,8 +20,8 @@ import contextlib
 import itertools
 
 from protocol.messages import RolloutRequest
-from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, init_request, sequence_inputs,
-                                   sequence_logprobs_of, update_request)
+from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, exits_if_engine_dead, init_request,
+                                   sequence_inputs, sequence_logprobs_of, update_request)
 
 
 class VersionGate:
@@ -94,6 +94,7 @@ class AsyncRolloutWorker(WorkerBase):
         self.gate = VersionGate()
         self._ids = itertools.count()  # vLLM request ids must be unique among the requests in flight
 
+    @exits_if_engine_dead
     async def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None,
                        min_version: int = 0) -> Generated:
         """As `RolloutWorker.generate`: n continuations per request, scored; bad requests become `RequestError`s.
@@ -134,6 +135,7 @@ class AsyncRolloutWorker(WorkerBase):
             final = out
         return final
 
+    @exits_if_engine_dead
     async def update_weights(self, payload, version: int) -> int:
         """As `RolloutWorker.update_weights` (staged in /dev/shm, mapped by the workers), once the calls in flight
         have finished; new calls wait until the weights are in and the prefix cache is reset."""
@@ -153,10 +155,12 @@ class AsyncRolloutWorker(WorkerBase):
         """Worker processes of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
         return self.engine.vllm_config.parallel_config.world_size
 
+    @exits_if_engine_dead
     async def transfer_init(self, init_info: dict) -> None:
         """vLLM's `init_weight_transfer_engine` (nccl: blocks until learner rank 0 joins the group)."""
         await self.engine.init_weight_transfer_engine(init_request(init_info))
 
+    @exits_if_engine_dead
     async def transfer_start(self) -> None:
         """Once the calls in flight have finished, vLLM's `start_weight_update`; new calls wait until
         `transfer_finish` (the gate spans the three calls of a transfer)."""
@@ -167,6 +171,7 @@ class AsyncRolloutWorker(WorkerBase):
             await self.gate.end_update()
             raise
 
+    @exits_if_engine_dead
     async def transfer_update(self, update_info) -> None:
         """vLLM's `update_weights`: receive one update (nccl: the learner broadcasts meanwhile) and load it."""
         try:
@@ -175,6 +180,7 @@ class AsyncRolloutWorker(WorkerBase):
             await self.gate.end_update()  # vLLM ends the update session on a failed chunk
             raise
 
+    @exits_if_engine_dead
     async def transfer_finish(self, version: int) -> int:
         """vLLM's `finish_weight_update`, prefix cache reset, the learner's version adopted; calls go on."""
         try:
@@ -188,6 +194,7 @@ class AsyncRolloutWorker(WorkerBase):
     async def transfer_shutdown(self) -> None:
         await self.engine.shutdown_weight_transfer_engine()
 
+    @exits_if_engine_dead
     async def sequence_logprobs(self, token_ids: list[int], min_version: int = 0) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner.
         Raises `StaleWeights` below `min_version` (a restarted actor before its re-sync), as `generate` does."""

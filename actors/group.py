@@ -56,6 +56,15 @@ class RolloutActorLost(RuntimeError):
     one line naming the actors, their pids and the calls they died in."""
 
 
+def actor_died_errors() -> tuple[type, ...]:
+    """What a call raises when its actor's process is gone: `RayActorError` (ActorDiedError, or
+    ActorUnavailableError while Ray restarts it), and `OutOfMemoryError` for an actor Ray's memory monitor killed
+    and will not restart."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    return RayActorError, OutOfMemoryError
+
+
 def worker_class(engine: str):
     """The rollout worker class of `rollout.engine`."""
     return lookup("rollout engine", ENGINES, engine)
@@ -121,7 +130,7 @@ class RolloutGroup:
 
     def _generate(self, requests: list[RolloutRequest], temperature: float | None) -> list[Rollout]:
         import ray
-        from ray.exceptions import RayActorError
+        died_errors = actor_died_errors()
 
         rollouts: list[Rollout] = []
         todo, attempt = list(requests), 0
@@ -134,7 +143,7 @@ class RolloutGroup:
             for i, q, ref in calls:
                 try:
                     out: Generated = ray.get(ref)
-                except (RayActorError, StaleWeights) as e:
+                except (*died_errors, StaleWeights) as e:
                     self._resync(i, died=not isinstance(e, StaleWeights), call="generate")
                     todo += q
                     failed.append(self._describe(i) + (" was stale" if isinstance(e, StaleWeights) else " died"))
@@ -162,14 +171,14 @@ class RolloutGroup:
         """Prefix-cache queries/hits in tokens summed over the live actors, and the hit rate (a dead actor's counters
         died with it: it counts 0, and is re-synced)."""
         import ray
-        from ray.exceptions import RayActorError
+        died_errors = actor_died_errors()
 
         refs = {i: a.cache_stats.remote(reset) for i, a in enumerate(self.actors) if i not in self.lost}
         stats = []
         for i, ref in refs.items():
             try:
                 stats.append(ray.get(ref))
-            except RayActorError:
+            except died_errors:
                 self._resync(i, died=True, call="cache_stats")
         q, h = sum(s["prompt_tokens"] for s in stats), sum(s["cached_tokens"] for s in stats)
         return {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else 0.0}
@@ -219,7 +228,7 @@ class RolloutGroup:
         self._latest, self._version, self._latest_fn = (payload_ref, version), version, None
         import ray
 
-        from ray.exceptions import RayActorError
+        died_errors = actor_died_errors()
 
         refs = {i: a.update_weights.remote(payload_ref, version) for i, a in enumerate(self.actors) if i not in self.lost}
         with self._state_lock:
@@ -228,7 +237,7 @@ class RolloutGroup:
             try:
                 ray.get(ref)
                 self._landed(i)
-            except RayActorError:  # died mid-push (or before it, restarting): re-sent until it is back
+            except died_errors:  # died mid-push (or before it, restarting): re-sent until it is back
                 self._resync(i, died=True, call=f"update_weights (version {version})")
 
     def _resync(self, i: int, *, died: bool, call: str = "a call") -> None:
@@ -276,7 +285,7 @@ class RolloutGroup:
     def _poll(self) -> bool:
         """Account for the re-syncs that have landed or failed (without waiting); True if one failed."""
         import ray
-        from ray.exceptions import RayActorError
+        died_errors = actor_died_errors()
 
         failed = False
         for i, ref in list(self._syncing.items()):
@@ -286,7 +295,7 @@ class RolloutGroup:
             try:
                 ray.get(ref)
                 self._landed(i)
-            except RayActorError:  # died again during the sync, or still restarting: again after its restart
+            except died_errors:  # died again during the sync, or still restarting: again after its restart
                 self._resync(i, died=True, call="its weight re-sync")
                 failed = True
         return failed
@@ -368,6 +377,8 @@ class RolloutGroup:
             if cause.WhichOneof("context") == "creation_task_failure_context":
                 raised = cause.creation_task_failure_context.formatted_exception_string.strip().splitlines()
                 return f"its engine raised while starting: {raised[-1].strip()}"
+            if cause.WhichOneof("context") == "oom_context":
+                return f"Ray's memory monitor killed it, rollout.max_restarts={self.cfg.max_restarts}"
         except Exception:  # noqa: BLE001 - no cause recorded, or another layout: the generic reason
             pass
         return f"out of restarts: rollout.max_restarts={self.cfg.max_restarts}"
@@ -376,7 +387,7 @@ class RolloutGroup:
         """Wait until every engine is up. An actor killed while its engine starts is restarted by Ray: wait for it
         (bounded like any dead actor); one Ray will not restart is given up (the others go on)."""
         import ray
-        from ray.exceptions import RayActorError
+        died_errors = actor_died_errors()
 
         pending = {i: a.pid.remote() for i, a in enumerate(self.actors)}
         while pending:
@@ -386,7 +397,7 @@ class RolloutGroup:
             try:
                 self._pids[i] = ray.get(ready[0])
                 self._landed(i)
-            except RayActorError:
+            except died_errors:
                 self._resync(i, died=True, call="its engine start")  # raises when no actor is left
                 if i not in self.lost:
                     self._syncing.pop(i, None)
@@ -397,7 +408,7 @@ class RolloutGroup:
         """`method` on actor i (None: the first one serving), surviving deaths: a dead actor is re-synced and the call
         goes to it again once it is back (i given), or to the next serving actor; at most request_retries + 1 tries."""
         import ray
-        from ray.exceptions import RayActorError
+        died_errors = actor_died_errors()
 
         for _ in range(self.cfg.request_retries + 1):
             j = self._available().index(True) if i is None else i
@@ -405,7 +416,7 @@ class RolloutGroup:
                 raise RolloutActorLost(self._lost_why[i] + f" (asked for {method})")
             try:
                 return ray.get(getattr(self.actors[j], method).remote(*args, **kwargs))
-            except (RayActorError, StaleWeights) as e:
+            except (*died_errors, StaleWeights) as e:
                 self._resync(j, died=not isinstance(e, StaleWeights), call=method)
         raise RolloutActorLost(f"{method} failed {self.cfg.request_retries + 1} times in a row "
                                f"(rollout.request_retries={self.cfg.request_retries}); last: {self._describe(j)}")

@@ -12,7 +12,10 @@ functions, shared with `actors.async_rollout_worker.AsyncRolloutWorker`
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -58,6 +61,55 @@ class Generated:
 def _engine_dead(error: Exception) -> bool:
     """vLLM's engine process is gone: no request can be served here; let the group retry elsewhere."""
     return type(error).__name__ in ("EngineDeadError", "EngineGenerateError")
+
+
+def in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray, or no runtime context: not an actor
+        return False
+
+
+def exits_if_engine_dead(method):
+    """For worker methods that use the engine. vLLM's engine runs in child processes (EngineCore, its workers);
+    when one of them dies (killed, out of memory) the engine never serves again, yet Ray sees a live actor, and
+    every call would fail with vLLM's EngineDeadError. The actor's process exits instead, as a crash, so Ray
+    restarts the actor with a new engine (`rollout.max_restarts`) and the rollout group re-syncs it as after
+    any death of the actor itself."""
+    def dead(self, e: BaseException) -> bool:
+        return (type(e).__name__ == "EngineDeadError" or type(e.__cause__).__name__ == "EngineDeadError"
+                or getattr(getattr(self, "engine", None), "errored", False) is True)  # AsyncLLM knows
+
+    def exit_now(self, e: BaseException):
+        if not in_ray_actor():  # built directly (tests, benchmarks): the caller gets vLLM's error
+            return
+        print(f"[graftrl] rollout actor {self.actor_id} (pid {os.getpid()}): vLLM's engine process died "
+              f"({type(e).__name__} in {method.__name__}); exiting, for Ray to restart this actor with a new engine",
+              file=sys.stderr, flush=True)
+        os._exit(70)
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def guarded_async(self, *args, **kwargs):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as e:
+                if dead(self, e):
+                    exit_now(self, e)
+                raise
+        return guarded_async
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            if dead(self, e):
+                exit_now(self, e)
+            raise
+    return guarded
 
 
 def engine_kwargs(model_dir: str, rollout_cfg, seed: int) -> dict:
@@ -233,6 +285,7 @@ class RolloutWorker(WorkerBase):
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
 
+    @exits_if_engine_dead
     def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None,
                  min_version: int = 0) -> Generated:
         """Sample `req.n` continuations after prompt + prefix for every request; score each.
@@ -275,6 +328,7 @@ class RolloutWorker(WorkerBase):
             self._count(req, out)
         return outputs
 
+    @exits_if_engine_dead
     def update_weights(self, payload, version: int) -> int:
         """Load new weights (safetensors format: a uint8 array or bytes), drop the now-stale KV prefix cache, adopt
         the learner's version.
@@ -297,10 +351,12 @@ class RolloutWorker(WorkerBase):
         """Worker processes of this engine (tensor x pipeline parallel): its ranks in a transfer group."""
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
+    @exits_if_engine_dead
     def transfer_init(self, init_info: dict) -> None:
         """vLLM's `init_weight_transfer_engine` (nccl: blocks until learner rank 0 joins the group)."""
         self.llm.init_weight_transfer_engine(init_request(init_info))
 
+    @exits_if_engine_dead
     def transfer_start(self) -> None:
         """vLLM's `start_weight_update` (layerwise reload begins); `generate` refuses until `transfer_finish`."""
         self.transferring = True
@@ -310,6 +366,7 @@ class RolloutWorker(WorkerBase):
             self.transferring = False
             raise
 
+    @exits_if_engine_dead
     def transfer_update(self, update_info) -> None:
         """vLLM's `update_weights`: receive one update (nccl: the learner broadcasts meanwhile) and load it."""
         try:
@@ -318,6 +375,7 @@ class RolloutWorker(WorkerBase):
             self.transferring = False  # vLLM ends the update session on a failed chunk
             raise
 
+    @exits_if_engine_dead
     def transfer_finish(self, version: int) -> int:
         """vLLM's `finish_weight_update` (layerwise reload finalised), then as after `update_weights`: the prefix
         cache is reset and the learner's version adopted."""
@@ -332,6 +390,7 @@ class RolloutWorker(WorkerBase):
     def transfer_shutdown(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
 
+    @exits_if_engine_dead
     def sequence_logprobs(self, token_ids: list[int], min_version: int = 0) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner.
         Raises `StaleWeights` below `min_version` (a restarted actor before its re-sync), as `generate` does."""

@@ -95,7 +95,7 @@ def parse_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
 def component_died(e: Exception) -> str | None:
     """One line naming the process that died and what the run was doing, when `e` says a learner rank or another
     actor of the run died (`train` notes the phase, and the class and pid of an actor Ray's error does not name)."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import OutOfMemoryError, RayActorError
 
     from actors.group import RolloutActorLost
     from learner.group import LearnerDied
@@ -110,6 +110,8 @@ def component_died(e: Exception) -> str | None:
         cls, pid = re.search(r"class_name: (\S+)", text), re.search(r"\bpid: (\d+)", text)
         known = notes.get(ACTOR_NOTE) or (f"{cls.group(1) if cls else 'unknown class'}, pid {pid.group(1) if pid else '?'}")
         line = f"a Ray actor of the run died ({known}; Ray actor id {getattr(e, 'actor_id', None) or '?'}): {text.splitlines()[0]}"
+    elif isinstance(e, OutOfMemoryError):  # "N worker(s) were killed due to the node running low on memory. ..."
+        line = f"Ray's memory monitor killed processes of the run: {str(e).strip().splitlines()[0]}"
     else:
         return None
     phase = notes.get(PHASE_NOTE)

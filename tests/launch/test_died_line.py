@@ -94,3 +94,41 @@ def test_dead_for_good_is_given_up_at_once_and_the_last_one_names_actor_pid_and_
         "rollout actor 0 (pid 100) died during sequence_logprobs and Ray will not restart it (out of restarts: "
         "rollout.max_restarts=0); rollout actor 1 (pid 101) died during generate and Ray will not restart it (out of "
         "restarts: rollout.max_restarts=0); no rollout actor is left (rollout.num_actors=2)")
+
+
+def test_a_worker_whose_engine_died_exits_for_ray_to_restart_it(monkeypatch):
+    import actors.rollout_worker as rw
+
+    class EngineDeadError(Exception):  # vLLM's, matched by name
+        pass
+
+    class W:
+        actor_id = 0
+
+        @rw.exits_if_engine_dead
+        def generate(self, fail):
+            raise fail
+
+    exits = []
+    monkeypatch.setattr(rw.os, "_exit", exits.append)
+    with pytest.raises(ValueError):  # a bad request is not a dead engine
+        W().generate(ValueError("bad"))
+    with pytest.raises(EngineDeadError):  # built directly (no Ray actor): the caller gets vLLM's error
+        W().generate(EngineDeadError())
+    assert exits == []
+    monkeypatch.setattr(rw, "in_ray_actor", lambda: True)
+    with pytest.raises(EngineDeadError):
+        W().generate(EngineDeadError())
+    assert exits == [70]
+
+
+def test_ray_memory_monitor_kill_is_one_line():
+    from ray.exceptions import OutOfMemoryError
+
+    e = OutOfMemoryError("3 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
+                         "192.0.2.2, ID: 8bf7) was 22.28GB used / 23.54GB limit (0.946362)\nTop 10 memory users: ...")
+    e.add_note(PHASE_NOTE + "the start-up (rollout actors, prefix store, learner)")
+    assert component_died(e) == (
+        "Ray's memory monitor killed processes of the run: 3 worker(s) were killed due to the node running low on "
+        "memory. Memory on the node (IP: 192.0.2.2, ID: 8bf7) was 22.28GB used / 23.54GB limit (0.946362); the run "
+        "stopped in the start-up (rollout actors, prefix store, learner)")

@@ -7,9 +7,12 @@ Run A (rollout.max_restarts=3): one run, three kills of its only rollout actor:
 Each time Ray restarts the actor and the rollout group re-sends it the latest weights; the run ends with exit 0, the
 counts of an uninterrupted run and engine = learner logprobs.
 
-Run B (rollout.max_restarts=0, one actor): killed at the first evaluation; nothing can serve, so the run stops with
-exit 1 and one `error:` line naming the actor, its pid, the call and the phase. B runs beside A (both mostly wait
-for engines to start), so the module takes about one run's time.
+Run B (rollout.max_restarts=0, one actor): at the first evaluation, vLLM's engine worker process of the actor is
+killed (what the OOM killer would pick: it holds the model and the KV cache). The actor, whose engine can never serve
+again, exits so that Ray may restart it; Ray may not, nothing can serve, and the run stops with exit 1 and one
+`error:` line naming the actor, its pid, the call and the phase. (A SIGKILL of the actor itself with
+max_restarts=0 is tests/actors/test_actor_lost.py.) B runs beside A (both mostly wait for engines to start), so the
+module takes about one run's time.
 
 Timing without hooks in the code: a call is made to land "in flight" on the actor by freezing processes with
 SIGSTOP. For the push: the learner is frozen after the progress line of step 1 (the driver then waits in step 2's
@@ -77,7 +80,8 @@ def in_log(log, text: str):
 
 @pytest.fixture(scope="module")
 def no_restarts_run(tmp_path_factory):
-    """Run B, started at once in the background: killed when pids.json appears (the first evaluation)."""
+    """Run B, started at once in the background: its engine's worker process killed when pids.json appears (the
+    first evaluation comes next)."""
     tmp = tmp_path_factory.mktemp("b")
     result: dict = {}
 
@@ -87,7 +91,9 @@ def no_restarts_run(tmp_path_factory):
                 result["log"], result["run_dir"] = log, run_dir
                 wait_for_files(proc, log, [run_dir / "pids.json"], timeout=600)
                 result["pid"] = pid = json.loads((run_dir / "pids.json").read_text())["rollout"][0]
-                os.kill(pid, signal.SIGKILL)
+                workers = [p for p in titled(proc, "VLLM::Worker") if p in descendants(pid)]
+                assert len(workers) == 1, (workers, titled(proc, ""))
+                os.kill(workers[0], signal.SIGKILL)
                 t_kill = time.time()
                 result["rc"] = proc.wait(timeout=120)
                 result["exit_s"] = time.time() - t_kill
@@ -158,7 +164,7 @@ def test_rollout_actor_killed_at_start_mid_push_and_in_the_final_check_run_recov
           f"noticed at start: {'during pid' in text or 'during its engine start' in text}")
 
 
-def test_rollout_actor_killed_without_restarts_stops_the_run_with_one_line(no_restarts_run):
+def test_engine_process_killed_without_restarts_stops_the_run_with_one_line(no_restarts_run):
     t, result = no_restarts_run
     t.join(timeout=900)
     assert "failure" not in result, result.get("failure")
@@ -169,6 +175,8 @@ def test_rollout_actor_killed_without_restarts_stops_the_run_with_one_line(no_re
     assert errors[0].startswith(f"error: rollout actor 0 (pid {result['pid']}) died during generate and Ray will "
                                 "not restart it (out of restarts: rollout.max_restarts=0); no rollout actor is left"), errors
     assert "; the run stopped in the evaluation before training; every actor of the run was stopped" in errors[0]
+    assert f"[graftrl] rollout actor 0 (pid {result['pid']}): vLLM's engine process died (EngineDeadError in " \
+           "generate); exiting" in text
     assert "Traceback" not in text
     assert result["exit_s"] < 60, result["exit_s"]  # Ray says DEAD: not waited for rollout.actor_lost_after_s
     assert not (result["run_dir"] / "summary.json").exists()
