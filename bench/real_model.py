@@ -32,7 +32,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONFIG = "configs/smollm2_chain_sum.yaml"
-SCORERS = ("outcome_uncertainty", "first_surprise", "entropy", "random")
+SCORERS = ("outcome_uncertainty", "first_surprise", "random", "entropy")
+SECTIONS = ("hf_generate", "base_accuracy", "throughput", "weight_push", "cache", "learner", "lr_probe", "discovery")
 
 
 def log(msg: str) -> None:
@@ -124,7 +125,7 @@ def _with(cfg, **changes):
     return new
 
 
-def discovery(group, model_dir: str, terms: list[int], budget: int, prompts: int, n: int, seed: int) -> dict:
+def discovery(group, model_dir: str, terms: list[int], budget: int, scorers, prompts: int, n: int, seed: int) -> dict:
     """Policy frozen. For each number of terms and mode, rounds of `prompts` requests x `n` samples until `budget`
     generated tokens: `root` starts every request from a fresh prompt; `prefix:<scorer>` sends half of each
     round's requests to the store's best branch points under that scorer (the rest fresh prompts, the same ones
@@ -138,10 +139,10 @@ def discovery(group, model_dir: str, terms: list[int], budget: int, prompts: int
     out: dict = {}
     for k in terms:
         cfg = load_config(CONFIG, chain_sum_overrides(k))
-        set_task(group, cfg.task)
+        set_task(group, cfg.task, model_dir)
         task = make_task(cfg.task, tokenizer_dir=model_dir)
         out[str(k)] = {}
-        for mode in ("root", *[f"prefix:{s}" for s in SCORERS]):
+        for mode in ("root", *[f"prefix:{s}" for s in scorers]):
             scorer = mode.split(":", 1)[1] if ":" in mode else "outcome_uncertainty"
             over = [f"store.scorer={scorer}"] + (["store.branch_action=force"] if scorer == "first_surprise" else [])
             store = PrefixStore(store_cfg=load_config(CONFIG, chain_sum_overrides(k) + over).store,
@@ -176,7 +177,7 @@ def in_child(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def learner_vs_torch(model_dir: str, rollouts, threads: int, rounds: int) -> dict:
+def learner_vs_torch(model_dir: str, rollouts, threads: int, rounds: int, warmup: int) -> dict:
     """One DeepSpeed learner update vs one bare AdamW update on the same batch (median of interleaved rounds)."""
     import torch
 
@@ -185,8 +186,8 @@ def learner_vs_torch(model_dir: str, rollouts, threads: int, rounds: int) -> dic
 
     torch.set_num_threads(threads)
     batch = build_train_batch(rollouts, advantage="group", nudge=0.0)
-    r = ds_vs_torch(model_dir, batch, rounds=rounds, per_round=1, zero_stage=1, warmup=1)
-    return {**r, "threads": threads, "sequences": len(batch),
+    r = ds_vs_torch(model_dir, batch, rounds=rounds, per_round=1, zero_stage=1, warmup=warmup)
+    return {**r, "threads": threads, "warmup_steps": warmup, "sequences": len(batch),
             "context_tokens": sum(len(c) for c in batch.context_ids), "trained_tokens": sum(len(t) for t in batch.token_ids)}
 
 
@@ -207,7 +208,10 @@ def one_update(model_dir: str, rollouts, kl_rollouts, lr: float, out_path: str, 
         lp = {name: token_logprobs(m(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits,
                                    t["input_ids"], t["cont_index"]) for name, m in (("new", loop.model), ("base", loop.ref))}
     m, log_r = t["mask"], lp["new"] - lp["base"]  # log pi_new / pi_base at tokens sampled from pi_base
-    save_file({k: v.contiguous() for k, v in loop.model.state_dict().items()}, out_path)
+    state = loop.model.state_dict()
+    if loop.model.config.tie_word_embeddings:  # the output layer is the embedding; safetensors refuses shared tensors
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, out_path)
     return {"kl_k1_per_token": round(float((-log_r * m).sum() / m.sum()), 5),
             "kl_k3_per_token": round(float(((torch.expm1(log_r) - log_r) * m).sum() / m.sum()), 5)}
 
@@ -235,10 +239,12 @@ def lr_probe(group, model_dir: str, task, train_rollouts, lrs: list[float], eval
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer prompts and repetitions, discovery budget 2K tokens")
-    ap.add_argument("--terms", type=int, nargs="*", default=[2, 3, 4, 5])
+    ap.add_argument("--quick", action="store_true", help="fewer prompts and repetitions, one learning rate, discovery "
+                    "at 2 and 4 terms with two scorers and 1.5K tokens per cell")
+    ap.add_argument("--terms", type=int, nargs="*", help="discovery: numbers of terms (default 2 4 quick, 2-5 full)")
     ap.add_argument("--budget", type=int, default=None, help="discovery: generated tokens per (terms, mode)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "learner", "lr", "push", "cache", "discovery"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections not to measure")
+    ap.add_argument("--resume", action="store_true", help="keep the sections an interrupted run already wrote")
     args = ap.parse_args(argv)
     q = args.quick
     import ray
@@ -256,60 +262,66 @@ def main(argv=None) -> int:
     cfg = load_config(CONFIG, ["rollout.num_actors=2", "rollout.block_size=32"])
     model_dir = ensure_model("smollm2", cfg.model.cache_dir, log=log)
     task = make_task(cfg.task, tokenizer_dir=model_dir)
-    result: dict = {"model": "SmolLM2-135M-Instruct (float32)", "task": "chain_sum", "quick": q, "started": stamp()}
     name = "real_model_quick" if q else "real_model"
-    if "hf" not in args.skip:  # before the engines start: this process has every core to itself
-        result["hf_generate"] = hf_generate_speed(model_dir, task, prompts=4 if q else 16, samples=4,
-                                                  max_new_tokens=cfg.task.max_new_tokens)
-        log(f"transformers generate: {result['hf_generate']}")
+    path = os.path.join("bench", "results", f"{name}.json")
+    result: dict = {"model": "SmolLM2-135M-Instruct (float32)", "task": "chain_sum", "quick": q, "started": stamp()}
+    if args.resume and os.path.isfile(path):
+        with open(path) as f:
+            result = {k: v for k, v in json.load(f).items() if k != "partial"}
+        log(f"resuming {path}: {', '.join(k for k in SECTIONS if k in result) or 'nothing'} already measured")
+    todo = [s for s in SECTIONS if s not in result and s not in args.skip]
+
+    def done(section: str, value) -> None:  # each section is written as soon as it is measured
+        result[section] = value
+        log(f"{section}: {value}")
+        write_result(name, {**result, "partial": True})
+
+    if "hf_generate" in todo:  # before the engines start: this process has every core to itself
+        done("hf_generate", hf_generate_speed(model_dir, task, prompts=4 if q else 16, samples=4,
+                                              max_new_tokens=cfg.task.max_new_tokens))
     connect(cfg.ray)
     group = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=0,
                          env_vars=actor_env_vars(cfg.rollout.kv_cache_gib), worker_cls=BenchRolloutWorker)
     with open(os.path.join(model_dir, "model.safetensors"), "rb") as f:
         base_weights = ray.put(f.read())  # pushed back after the perturbed weight-push runs, and to empty the caches
-    result["engines_up_s"] = round(time.time() - t_start, 1)
-    log(f"engines up after {result['engines_up_s']} s")
+    log(f"engines up after {time.time() - t_start:.0f} s")
     try:
-        result["base_accuracy"] = base_accuracy(group, task, prompts=32 if q else 64, samples=2 if q else 4)
-        log(f"base accuracy: {result['base_accuracy']}")
-        result["throughput"] = throughput(group.actors[0], task, requests=16 if q else 32, reps=1 if q else 2)
-        log(f"throughput: {result['throughput']}")
-        write_result(name, {**result, "partial": True})
-        if "push" not in args.skip:
-            result["weight_push"] = {k: v for k, v in weight_push(group.actors[0], model_dir, reps=1 if q else 3).items()
-                                     if k != "runs_s"}
-            log(f"weight push: {result['weight_push']}")
-        if "cache" not in args.skip:
-            result["cache"] = cache_hit_rates(group, base_weights, task, roots=8 if q else 16, branches_per_root=4, seed=1)
-            log(f"cache: {result['cache']}")
-        write_result(name, {**result, "partial": True})
-        from protocol.messages import RolloutRequest
-
-        rollouts = group.generate([RolloutRequest(request_id=i, root_id=task.root_id(p), prompt_ids=task.prompt_ids(p),
-                                                      n=cfg.train.samples_per_request)
-                                   for i, p in enumerate(task.train_prompts(random.Random(0), cfg.train.prompts_per_step))])
-        if "learner" not in args.skip:
-            result["learner"] = in_child(learner_vs_torch, model_dir, rollouts, os.cpu_count() or 1, 1 if q else 3)
-            log(f"learner: {result['learner']}")
-            write_result(name, {**result, "partial": True})
-        if "lr" not in args.skip:
-            result["lr_probe"] = lr_probe(group, model_dir, task, rollouts, [1e-6, 1e-5, 1e-4] if q else
-                                          [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 2e-4], eval_prompts=16 if q else 32)
-            write_result(name, {**result, "partial": True})
-        if "discovery" not in args.skip:
+        if "base_accuracy" in todo:
+            done("base_accuracy", base_accuracy(group, task, prompts=32 if q else 64, samples=2 if q else 4))
+        if "throughput" in todo:
+            done("throughput", throughput(group.actors[0], task, requests=16 if q else 32, reps=1 if q else 2))
+        if "weight_push" in todo:
+            done("weight_push", {k: v for k, v in weight_push(group.actors[0], model_dir, reps=1 if q else 3).items()
+                                 if k != "runs_s"})
+        if "cache" in todo:
+            done("cache", cache_hit_rates(group, base_weights, task, roots=6 if q else 16, branches_per_root=4, seed=1))
+        if "learner" in todo or "lr_probe" in todo:
             group.update_weights(base_weights, 0)
-            result["discovery"] = discovery(group, model_dir, args.terms, budget=args.budget or (2000 if q else 8000),
-                                            prompts=8, n=4, seed=0)
+            from protocol.messages import RolloutRequest
+
+            rollouts = group.generate([RolloutRequest(request_id=i, root_id=task.root_id(p), prompt_ids=task.prompt_ids(p),
+                                                      n=cfg.train.samples_per_request)
+                                       for i, p in enumerate(task.train_prompts(random.Random(0), cfg.train.prompts_per_step))])
+        if "learner" in todo:
+            done("learner", in_child(learner_vs_torch, model_dir, rollouts, os.cpu_count() or 1, 1 if q else 3, 0 if q else 1))
+        if "lr_probe" in todo:
+            done("lr_probe", lr_probe(group, model_dir, task, rollouts, [1e-5] if q else
+                                      [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 2e-4], eval_prompts=16 if q else 32))
+        if "discovery" in todo:
+            group.update_weights(base_weights, 0)
+            terms = args.terms or ([2, 4] if q else [2, 3, 4, 5])
+            done("discovery", discovery(group, model_dir, terms, budget=args.budget or (1500 if q else 20000),
+                                        scorers=SCORERS[:2] if q else SCORERS, prompts=8, n=4, seed=0))
     finally:
         group.shutdown()
         ray.shutdown()
-    result["total_s"] = round(time.time() - t_start, 1)
+    result["last_run_s"] = round(time.time() - t_start, 1)
     result.update(stamp())
     path = write_result(name, result)
     log(f"wrote {path}")
     line = {
-        "actor_tok_per_s": result["throughput"]["actor_tokens_per_s"],
-        "raw_vllm_tok_per_s": result["throughput"]["raw_tokens_per_s"],
+        "actor_tok_per_s": result.get("throughput", {}).get("actor_tokens_per_s"),
+        "raw_vllm_tok_per_s": result.get("throughput", {}).get("raw_tokens_per_s"),
         "hf_generate_tok_per_s": result.get("hf_generate", {}).get("tokens_per_s"),
         "weight_push_s": result.get("weight_push", {}).get("push_s"),
         "weight_push_floor_s": result.get("weight_push", {}).get("floor_s"),
@@ -317,11 +329,11 @@ def main(argv=None) -> int:
         "cache_hit_rate_no_affinity": round(result["cache"]["no_affinity"]["hit_rate"], 3) if "cache" in result else None,
         "learner_tok_per_s": result.get("learner", {}).get("ds_tokens_per_s"),
         "bare_torch_tok_per_s": result.get("learner", {}).get("torch_tokens_per_s"),
-        "base_accuracy_greedy": result["base_accuracy"]["greedy"],
-        "base_accuracy_sampled": result["base_accuracy"]["sampled"],
+        "base_accuracy_greedy": result.get("base_accuracy", {}).get("greedy"),
+        "base_accuracy_sampled": result.get("base_accuracy", {}).get("sampled"),
         "discovery": {k: {m: v["correct_per_1k_tokens"] for m, v in modes.items()}
                       for k, modes in result.get("discovery", {}).items()},
-        "total_s": result["total_s"],
+        "last_run_s": result["last_run_s"],
     }
     print(json.dumps(line))
     return 0
