@@ -148,7 +148,7 @@ def test_rollout_actor_killed_at_start_mid_push_and_in_the_final_check_run_recov
         rc = proc.wait(timeout=600)
     text = log.read_text()
     assert rc == 0, text[-4000:]
-    assert "Traceback" not in text and not [line for line in text.splitlines() if line.startswith("error:")]
+    assert not [line for line in text.splitlines() if line.startswith(("Traceback", "error:"))]
     died = [line for line in text.splitlines() if line.startswith("[graftrl] warning: rollout actor 0")]
     assert any(f"(pid {pid2}) died during update_weights (version 2)" in line for line in died), died
     assert any(f"(pid {pid3}) died during sequence_logprobs" in line for line in died), died
@@ -177,6 +177,6 @@ def test_engine_process_killed_without_restarts_stops_the_run_with_one_line(no_r
     assert "; the run stopped in the evaluation before training; every actor of the run was stopped" in errors[0]
     assert f"[graftrl] rollout actor 0 (pid {result['pid']}): vLLM's engine process died (EngineDeadError in " \
            "generate); exiting" in text
-    assert "Traceback" not in text
+    assert not [line for line in text.splitlines() if line.startswith("Traceback")]  # the driver's (vLLM logs its own)
     assert result["exit_s"] < 60, result["exit_s"]  # Ray says DEAD: not waited for rollout.actor_lost_after_s
     assert not (result["run_dir"] / "summary.json").exists()
