@@ -125,7 +125,8 @@ def _with(cfg, **changes):
     return new
 
 
-def discovery(group, model_dir: str, terms: list[int], budget: int, scorers, prompts: int, n: int, seed: int) -> dict:
+def discovery(group, model_dir: str, terms: list[int], budget: int, scorers, prompts: int, n: int, seed: int,
+              out: dict | None = None, save=None) -> dict:
     """Policy frozen. For each number of terms and mode, rounds of `prompts` requests x `n` samples until `budget`
     generated tokens: `root` starts every request from a fresh prompt; `prefix:<scorer>` sends half of each
     round's requests to the store's best branch points under that scorer (the rest fresh prompts, the same ones
@@ -136,13 +137,15 @@ def discovery(group, model_dir: str, terms: list[int], budget: int, scorers, pro
     from launch.trainer import make_requests, model_vocab_size
     from prefix_store.store import PrefixStore
 
-    out: dict = {}
+    out = {} if out is None else out  # cells already measured (an interrupted run) are kept, not redone
     for k in terms:
         cfg = load_config(CONFIG, chain_sum_overrides(k))
         set_task(group, cfg.task, model_dir)
         task = make_task(cfg.task, tokenizer_dir=model_dir)
-        out[str(k)] = {}
+        out.setdefault(str(k), {})
         for mode in ("root", *[f"prefix:{s}" for s in scorers]):
+            if mode in out[str(k)]:
+                continue
             scorer = mode.split(":", 1)[1] if ":" in mode else "outcome_uncertainty"
             over = [f"store.scorer={scorer}"] + (["store.branch_action=force"] if scorer == "first_surprise" else [])
             store = PrefixStore(store_cfg=load_config(CONFIG, chain_sum_overrides(k) + over).store,
@@ -164,6 +167,8 @@ def discovery(group, model_dir: str, terms: list[int], budget: int, scorers, pro
                                  "solved_per_1k_tokens": round(1000 * len(solved) / tokens, 3),
                                  "seconds": round(time.time() - t0, 1)}
             log(f"discovery terms={k} {mode}: {out[str(k)][mode]}")
+            if save is not None:
+                save(out)
     return out
 
 
@@ -310,8 +315,10 @@ def main(argv=None) -> int:
         if "discovery" in todo:
             group.update_weights(base_weights, 0)
             terms = args.terms or ([2, 4] if q else [2, 3, 4, 5])
+            cells = result.pop("discovery_cells", {})
             done("discovery", discovery(group, model_dir, terms, budget=args.budget or (1500 if q else 20000),
-                                        scorers=SCORERS[:2] if q else SCORERS, prompts=8, n=4, seed=0))
+                                        scorers=SCORERS[:2] if q else SCORERS, prompts=8, n=4, seed=0, out=cells,
+                                        save=lambda c: write_result(name, {**result, "discovery_cells": c, "partial": True})))
     finally:
         group.shutdown()
         ray.shutdown()
