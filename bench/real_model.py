@@ -92,7 +92,7 @@ def cache_hit_rates(group, base_weights, task, roots: int, branches_per_root: in
     sample requests per root re-entering a prefix of a step-1 rollout. Step 2's hit rate (tokens served from the
     prefix cache / prompt + prefix tokens), routed by prefix affinity and by load alone. Each arm starts from
     empty caches (the weights are pushed again, which resets them)."""
-    from protocol.messages import RolloutRequest
+    from bench.rollout import branch_hit_rate
 
     out = {}
     for affinity in (True, False):
@@ -101,19 +101,7 @@ def cache_hit_rates(group, base_weights, task, roots: int, branches_per_root: in
         group.root_owner.clear()
         rng = random.Random(seed)
         step1 = group.generate(heldout_requests(task, roots, 4))
-        by_root: dict[str, list] = {}
-        for r in step1:
-            by_root.setdefault(r.root_id, []).append(r)
-        branch = []
-        for root, outs in by_root.items():
-            for _ in range(branches_per_root):  # n=1: sibling samples of one request hit the cache whatever the routing
-                src = rng.choice(outs)
-                k = rng.randint(1, max(1, len(src.token_ids) - 1))
-                branch.append(RolloutRequest(request_id=len(branch), root_id=root, prompt_ids=src.prompt_ids,
-                                             prefix_ids=src.token_ids[:k], n=1))
-        group.cache_stats(reset=True)
-        group.generate(branch)
-        out["affinity" if affinity else "no_affinity"] = group.cache_stats(reset=True)
+        out["affinity" if affinity else "no_affinity"] = branch_hit_rate(group, step1, rng, branches_per_root)
     return out
 
 

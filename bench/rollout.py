@@ -159,15 +159,23 @@ def cache_hit_rate(group, affinity: bool, roots: int, seed: int, vocab: int) -> 
     prompts = {f"s{seed}r{j}": [1] + [rng.randrange(3, vocab) for _ in range(39)] for j in range(roots)}
     step1 = group.generate([RolloutRequest(request_id=j, root_id=r, prompt_ids=p, n=4)
                             for j, (r, p) in enumerate(prompts.items())])
+    return branch_hit_rate(group, step1, rng, per_root=4)
+
+
+def branch_hit_rate(group, step1, rng: random.Random, per_root: int) -> dict:
+    """Cache statistics of `per_root` single-sample branch requests per root, each re-entering a random prefix of one
+    of that root's `step1` rollouts (n=1: with n>1 vLLM's sibling samples hit the cache whatever the routing)."""
+    from protocol.messages import RolloutRequest
+
     by_root: dict[str, list] = {}
     for r in step1:
         by_root.setdefault(r.root_id, []).append(r)
     branch = []
-    for r, outs in by_root.items():
-        for _ in range(4):  # n=1: with n>1 vLLM's sibling samples hit the cache whatever the routing
+    for root, outs in by_root.items():
+        for _ in range(per_root):
             src = rng.choice(outs)
             k = rng.randint(1, max(1, len(src.token_ids) - 1))
-            branch.append(RolloutRequest(request_id=len(branch), root_id=r, prompt_ids=src.prompt_ids,
+            branch.append(RolloutRequest(request_id=len(branch), root_id=root, prompt_ids=src.prompt_ids,
                                          prefix_ids=src.token_ids[:k], n=1))
     group.cache_stats(reset=True)
     group.generate(branch)

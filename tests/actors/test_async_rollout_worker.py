@@ -64,6 +64,11 @@ def make_async_worker(engine=None) -> AsyncRolloutWorker:
 
 @pytest.fixture(autouse=True)
 def fake_vllm(monkeypatch):
+    install_fake_vllm(monkeypatch)
+
+
+def install_fake_vllm(monkeypatch) -> None:
+    """The `vllm` names the async worker imports, without starting anything heavy."""
     mod = types.ModuleType("vllm")
     mod.SamplingParams = lambda **kw: types.SimpleNamespace(**{"output_kind": None, **kw})
     mod.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}

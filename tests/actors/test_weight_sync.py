@@ -325,18 +325,11 @@ def test_sync_worker_refuses_to_generate_mid_transfer():
 def test_async_worker_transfer_holds_generate_calls_until_finish(monkeypatch):
     """AsyncRolloutWorker: transfer_start waits for the calls in flight, new calls wait until transfer_finish."""
     import asyncio
-    import sys
 
-    from tests.actors.test_async_rollout_worker import FakeAsyncLLM, make_async_worker
+    from tests.actors.test_async_rollout_worker import FakeAsyncLLM, install_fake_vllm, make_async_worker
     from tests.actors.test_rollout_worker import req
 
-    mod = types.ModuleType("vllm")
-    mod.SamplingParams = lambda **kw: types.SimpleNamespace(**{"output_kind": None, **kw})
-    mod.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
-    sp = types.ModuleType("vllm.sampling_params")
-    sp.RequestOutputKind = types.SimpleNamespace(FINAL_ONLY="FINAL_ONLY")
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp)
+    install_fake_vllm(monkeypatch)
 
     class Engine(FakeAsyncLLM):
         calls = []
