@@ -196,7 +196,6 @@ def hf_state_dict(tensors: dict, cfg: dict) -> dict:
 
 def convert_gguf(src: str, out_dir: str) -> None:
     """Write a Hugging Face Llama folder (float32 safetensors, config, tokenizer, generation config) from a GGUF file."""
-    import torch
     from gguf import GGUFReader
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
