@@ -205,6 +205,10 @@ class LearnerConfig:
     """Ray CPUs the learner reserves."""
     num_gpus: float = 0.0
     """Ray GPUs the learner reserves."""
+    signal: str = "reward"
+    """What the policy learns from: `reward` (the task's outcome reward) or `preference` (a reward model trained online
+    on a rater's choices, section `preference`: each response's signal is p(Y > Y') - 1/2 against the other
+    responses of its group, plus `nudge`; docs/PREFERENCES.md)."""
     num_threads: Optional[int] = None
     """torch CPU threads of each rank; None: what Ray gives an actor that reserves `num_cpus` (1 thread for 1 CPU).
     In synchronous mode generation and learning take turns, so on a small CPU box the learner may use every core
@@ -217,6 +221,50 @@ class TrainConfig:
     """Learner updates."""
     prompts_per_step: int = 16
     """Root prompts drawn per step."""
+@dataclass
+class PreferenceConfig:
+    """Learning from preferences (read when learner.signal=preference; docs/PREFERENCES.md)."""
+    rater: str = "simulated"
+    """Who chooses, one of actors.raters.RATERS: `simulated` (Bradley-Terry on the task's gold score; chain: the number
+    of correct steps) or `file` (recorded choices from `rater_path`)."""
+    rater_temperature: float = 1.0
+    """Simulated rater: p(A > B) = sigmoid((g(A) - g(B)) / rater_temperature) (smaller: a more decisive rater)."""
+    rater_path: Optional[str] = None
+    """File rater: JSONL of {"prompt", "response_a", "response_b", "choice"} lines (choice "a" / "b")."""
+    on_bad_line: str = "skip"
+    """File rater: malformed lines, ties and unknown prompts are reported by line number and skipped or `reject`ed."""
+    max_labels: Optional[int] = None
+    """Label budget: choices asked of the rater over the run (None: no limit); once spent the reward model stops
+    training and keeps scoring."""
+    mode: str = "online"
+    """`online`: every step asks about the step's own rollouts and trains the reward model on all choices so far;
+    `offline`: before the first update, `max_labels` pairs are drawn from base-policy rollouts of fresh prompts, the
+    reward model trains `offline_updates` times, and is frozen."""
+    query_selection: str = "uncertainty"
+    """Which pair of a prompt's responses is asked about, one of learner.query_selection.SELECTORS: `uncertainty`
+    (the pair whose preference probability varies most across the ensemble), `random`, `double_thompson`."""
+    queries_per_step: int = 16
+    """Online: at most this many queries per step, one per prompt group (train.samples_per_request responses each)."""
+    ensemble_size: int = 8
+    """K: particles of the epistemic reward model (each a frozen random prior + a trained differential head)."""
+    head_hidden: int = 64
+    """Width of each prior and differential MLP head."""
+    prior_scale: float = 1.0
+    """s in r_k = r + s * prior_k + diff_k: how far the particles disagree where there is no data."""
+    lr: float = 1e-4
+    """AdamW learning rate of the reward model (backbone, point head, differential heads)."""
+    batch_size: int = 64
+    """Choices per reward-model update, drawn from all choices so far."""
+    updates_per_step: int = 4
+    """Online: reward-model updates after each step's new choices."""
+    offline_updates: int = 400
+    """Offline: reward-model updates on the collected choices before the policy trains."""
+    num_cpus: float = 0.0
+    """Ray CPUs the reward-model actor reserves (0 on a small CPU box: it runs between the other phases)."""
+    num_gpus: float = 0.0
+    """Ray GPUs the reward-model actor reserves."""
+
+
     samples_per_request: int = 4
     """Continuations per request (a group for the baseline), from a prompt or a stored prefix."""
     eval_samples: int = 4
@@ -274,6 +322,7 @@ class Config:
 
 _CHOICES = {"wandb.mode": ("offline", "online", "disabled")}  # wandb's own modes; every other choice is read from its owner
 
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field is Optional)
     "task.horizon": 1, "task.modulus": 2, "task.prompt_len": 1, "task.heldout_size": 1, "task.num_examples": 1,
@@ -287,11 +336,15 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
     "train.eval_every": 0, "train.log_every": 0, "ray.num_cpus": 1,
 }
-_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio")
+_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio",
+             "preference.rater_temperature", "preference.lr")
 _AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 1.0, "rollout.gpu_memory_utilization": 1.0,
             "learner.min_lr_ratio": 1.0, "train.stop_at_success": 1.0}
 _RUN_NAME = re.compile(r"[A-Za-z0-9_=+,-][A-Za-z0-9_.=+,-]*")
 
+    "preference.max_labels": 1, "preference.queries_per_step": 1, "preference.ensemble_size": 2,
+    "preference.head_hidden": 1, "preference.batch_size": 1, "preference.updates_per_step": 0,
+    "preference.offline_updates": 0, "preference.num_cpus": 0, "preference.num_gpus": 0, "preference.prior_scale": 0,
 
 def _leaves(node, prefix: str = ""):
     for key in node:
@@ -341,11 +394,14 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from learner.schedule import LR_SCHEDULES
     from prefix_store.scoring import SCORERS
     from prefix_store.tree import BRANCH_ACTIONS
+    from actors.raters import RATER_NAMES
 
     owned = {"task.name": TASKS, "task.on_bad_line": BAD_LINE_POLICIES, "rollout.engine": ENGINES,
              "rollout.weight_transport": TRANSPORTS, "store.scorer": SCORERS, "store.branch_action": BRANCH_ACTIONS,
              "learner.advantage": names.ADVANTAGES, "learner.kl_estimator": names.KL_ESTIMATORS,
-             "learner.kl_mode": names.KL_MODES, "learner.dtype": names.DTYPES, "learner.lr_schedule": LR_SCHEDULES}
+             "learner.kl_mode": names.KL_MODES, "learner.dtype": names.DTYPES, "learner.lr_schedule": LR_SCHEDULES,
+             "learner.signal": names.SIGNALS, "preference.rater": RATER_NAMES, "preference.on_bad_line": BAD_LINE_POLICIES,
+             "preference.mode": names.PREFERENCE_MODES, "preference.query_selection": names.QUERY_SELECTIONS}
     return {**{key: tuple(allowed) for key, allowed in owned.items()}, **_CHOICES}
 
 
@@ -389,10 +445,28 @@ def _validate_model(cfg: DictConfig) -> None:
 
     m, t = cfg.model, cfg.task
     if m.name is not None and m.name not in MODELS:
+    _validate_preference(cfg)
         raise ConfigError(f"model.name={m.name!r} is not valid; choose one of {', '.join(MODELS)} (or leave it unset)")
     if m.path is not None and os.path.isfile(os.path.expanduser(m.path)):
         if m.path.lower().endswith(".gguf"):
             raise ConfigError(f"model.path={m.path!r} is a GGUF file, not a Hugging Face folder; use model.name=smollm2 "
+def _validate_preference(cfg: DictConfig) -> None:
+    p, lc = cfg.preference, cfg.learner
+    if lc.signal != "preference":
+        return
+    if lc.advantage == "soft_value":
+        raise ConfigError("learner.signal=preference gives one signal per response; learner.advantage=soft_value is per "
+                          "token: use group, group_norm or rloo")
+    if p.mode == "offline" and p.max_labels is None:
+        raise ConfigError("preference.mode=offline collects its labels once, before training: set preference.max_labels")
+    if p.rater == "file" and (p.rater_path is None or not os.path.isfile(os.path.expanduser(p.rater_path))):
+        raise ConfigError(f"preference.rater=file: preference.rater_path={p.rater_path!r} is not a file; give a JSONL file "
+                          'of {"prompt", "response_a", "response_b", "choice"} lines')
+    if cfg.train.samples_per_request < 2:
+        raise ConfigError(f"learner.signal=preference compares responses to one prompt: train.samples_per_request="
+                          f"{cfg.train.samples_per_request} must be >= 2")
+
+
                               "for the bundled SmolLM2-135M-Instruct, or convert it to a folder (config.json, "
                               "safetensors, tokenizer)")
         raise ConfigError(f"model.path={m.path!r} is a file; give a Hugging Face model folder (config.json, weights, tokenizer)")

@@ -1,7 +1,7 @@
 """The names the learner's config fields accept, readable without torch.
 
 launch/config.py validates `learner.advantage`, `learner.kl_estimator`,
-`learner.kl_mode` and `learner.dtype` against these before anything heavy is
+`learner.kl_mode`, `learner.dtype`, `learner.signal` and `preference.query_selection` against these before anything heavy is
 imported: importing torch (which learner/objectives.py needs) takes about 2 s
 on 2 cores, several times the rest of the CLI's one-line answer to a typo.
 The implementations live in learner/objectives.py, keyed by these names; it
@@ -20,3 +20,9 @@ KL_MODES = ("loss", "reward")
 """`loss`: beta * k(logp, ref) per token added to the loss; `reward`: r - beta * sum_t k(behaviour_t, ref_t)."""
 DTYPES = ("float32", "bfloat16")
 """Learner compute dtype: float32, or bfloat16 (DeepSpeed bf16, fp32 master weights in the optimizer)."""
+SIGNALS = ("reward", "preference")
+"""`reward`: the task's outcome reward; `preference`: p(Y > Y') - 1/2 from the reward model of learner/rm_phase.py."""
+QUERY_SELECTIONS = ("uncertainty", "random", "double_thompson")
+"""Which pair the rater is asked about: `learner.query_selection.SELECTORS`."""
+PREFERENCE_MODES = ("online", "offline")
+"""`online`: queries and reward-model updates every step; `offline`: all labels from the base policy, once."""

@@ -1,0 +1,127 @@
+"""ReBalance pure parts on plain data: step ends, step state, the alpha schedule and its gates, S, the file."""
+import math
+
+import numpy as np
+import pytest
+
+from actors.rebalance import (Calibration, Schedule, StepTable, StepTracker, fit_schedule, is_reflective,
+                              label_steps, replay, ridge_r2, step_segments, steering_vector, variances)
+
+# token ids: 0 "a", 1 ".", 2 "\n", 3 "\n\n", 4 " b", 5 ".\n\n", 6 "\nc"
+TEXTS = ["a", ".", "\n", "\n\n", " b", ".\n\n", "\nc"]
+SCHED = Schedule(q25c=0.6, q75c=0.9, q25v=0.001, q75v=0.01)
+
+
+def test_step_ends_blank_line_in_one_or_two_tokens():
+    table = StepTable.from_texts(TEXTS)
+    seq = [0, 3, 4, 1, 2, 2, 0, 5, 0, 2, 0]
+    assert table.ends(seq).tolist() == [False, True, False, False, False, True, False, True, False, False, False]
+    assert table.is_end(2, 6) and not table.is_end(1, 6)  # "\nc" after a "\n" completes a blank line
+    assert table.ends([2], first_prev=2).tolist() == [True]  # the token before the sequence counts
+    newline = StepTable.from_texts(TEXTS, rule="newline")
+    assert newline.ends([0, 2, 0, 6]).tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="choose one of"):
+        StepTable.from_texts(TEXTS, rule="comma")
+
+
+def test_schedule_tanh_hits_its_calibration_points():
+    assert float(SCHED.base(0.6)) == pytest.approx(-1.0, abs=1e-9)
+    assert float(SCHED.base(0.9)) == pytest.approx(0.0, abs=1e-9)
+    assert float(SCHED.base(1.0)) == pytest.approx(0.01, abs=1e-6)
+    c = np.linspace(0, 1, 101)
+    assert np.all(np.diff(SCHED.base(c)) >= 0)  # monotone: the less confident, the harder away from reflection
+
+
+def test_gates_fire_only_in_their_corner():
+    over, under = SCHED.gates([0.3, 0.3, 0.97, 0.97, 0.75], [0.05, 0.0, 0.0, 0.05, 0.005])
+    assert over.tolist() == pytest.approx([1, 0, 0, 0, 0], abs=1e-6)  # low c, high v
+    assert under.tolist() == pytest.approx([0, 0, 1, 0, 0], abs=1e-6)  # high c, low v
+    alpha = SCHED([0.3, 0.3, 0.97, 0.75], [0.05, 0.0, 0.0, 0.005])
+    assert alpha[0] == pytest.approx(-2.0)  # overthinking: strongly away from reflection
+    assert -2.0 < alpha[1] < -0.9  # low confidence alone: F(c) only
+    assert alpha[2] == pytest.approx(0.1, abs=1e-3)  # underthinking: slightly toward reflection
+    assert alpha[0] < alpha[1] < alpha[3] < 0 < alpha[2]
+    assert np.all(Schedule(**{**SCHED.__dict__, "scale": 0.0})([0.3, 0.97], [0.05, 0.0]) == 0.0)
+
+
+def test_schedule_rejects_bad_quantiles():
+    with pytest.raises(ValueError, match="q25c < q75c"):
+        Schedule(q25c=0.9, q75c=0.6, q25v=0.0, q75v=0.1)
+
+
+def test_tracker_mean_max_prob_and_variance_match_the_definition():
+    table = StepTable.from_texts(TEXTS)
+    tr = StepTracker(table, SCHED)
+    # step 1: "a" "a" (0.5, 0.7) closed by "\n\n"; step 2: " b" (0.95) closed by "\n" "\n"
+    out = [tr.feed(t, p) for t, p in [(0, 0.5), (0, 0.7), (3, 0.2), (4, 0.95), (2, 0.9), (2, 0.8)]]
+    assert out[:2] == [None, None] and out[3:5] == [None, None]
+    (c1, v1, a1), (c2, v2, a2) = tr.steps
+    assert c1 == pytest.approx(0.6) and v1 == 0.0 and out[2] == a1
+    # the first "\n" of the two-token blank line belongs to the step it closes
+    assert c2 == pytest.approx((0.95 + 0.9) / 2) and v2 == pytest.approx((c2 - c1) ** 2 / 4) and out[5] == a2
+    assert tr.feed(3, 0.5) == a2  # an empty step repeats the last alpha
+    assert StepTracker(table, SCHED).feed(3, 0.5) == 0.0  # before any step: no push
+
+
+def test_replay_and_segments_agree_with_the_tracker():
+    table = StepTable.from_texts(TEXTS)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, len(TEXTS), size=200)
+    probs = rng.uniform(0.2, 1.0, size=200)
+    steered = replay(toks, probs, table, SCHED)
+    ends = np.flatnonzero(table.ends(toks))
+    assert set(steered) == {int(e) for e in ends if e < len(toks) - 1}  # every step end but a last token
+    segs = step_segments(toks, probs, table)
+    tr = StepTracker(table, SCHED)
+    for t, p in zip(toks, probs):
+        tr.feed(int(t), float(p))
+    assert [c for c, _, _ in tr.steps] == pytest.approx([c for _, _, c in segs])
+    assert variances([[0.5, 0.7, 0.6]]) == pytest.approx([0.01, 0.0025])
+
+
+def test_steering_vector_points_from_confident_to_reflective_cluster():
+    rng = np.random.default_rng(1)
+    d = 16
+    direction = np.zeros(d)
+    direction[3] = 2.0
+    conf = np.concatenate([rng.uniform(0.3, 0.5, 300), rng.uniform(0.95, 1.0, 300), rng.uniform(0.7, 0.8, 100)])
+    hidden = rng.normal(size=(700, d)) + np.where(conf[:, None] < 0.6, direction, 0.0)
+    hidden[600:] += 50.0  # the middle (dropped) steps must not count
+    labels = label_steps(conf, np.zeros(700, bool), q25=0.6, q75=0.9)
+    assert (labels == 1).sum() == 300 and (labels == 0).sum() == 300 and (labels == -1).sum() == 100
+    s = steering_vector(hidden, labels)
+    cos = s @ direction / (np.linalg.norm(s) * np.linalg.norm(direction))
+    assert cos > 0.95 and s[3] == pytest.approx(2.0, abs=0.3)
+    # a reflection word makes a confident step positive
+    assert label_steps([0.99], [True], 0.6, 0.9).tolist() == [1]
+    with pytest.raises(ValueError, match="both kinds"):
+        steering_vector(hidden[:10], np.ones(10))
+
+
+def test_reflection_words():
+    assert is_reflective("Wait, let me double check that.") and is_reflective("But the total is 5")
+    assert not is_reflective("So the total is 12 apples.") and not is_reflective("butter costs 3")
+
+
+def test_fit_schedule_and_ridge():
+    rng = np.random.default_rng(2)
+    seqs = [list(rng.uniform(0.4, 1.0, 8)) for _ in range(20)]
+    s = fit_schedule(seqs)
+    allc = np.concatenate(seqs)
+    assert s.q25c == pytest.approx(np.quantile(allc, 0.25)) and s.q25c < s.q75c and s.q25v < s.q75v
+    with pytest.raises(ValueError, match="more problems"):
+        fit_schedule([[0.5]])
+    x = rng.normal(size=(400, 5))
+    assert ridge_r2(x, x @ [1, -2, 0, 0, 0.5] + 0.01 * rng.normal(size=400), lam=1e-4) > 0.99
+    assert ridge_r2(x, rng.normal(size=400)) < 0.1
+
+
+def test_calibration_file_round_trip(tmp_path):
+    cal = Calibration(vector=np.arange(6, dtype=np.float32), layer=3, schedule=SCHED, meta={"model": "m"})
+    path = str(tmp_path / "cal.safetensors")
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.layer == 3 and back.schedule == SCHED and back.meta == {"model": "m"}
+    assert np.array_equal(back.vector, cal.vector)
+    assert Calibration.load(path, scale=0.0).schedule.scale == 0.0
+    assert math.isclose(float(back.schedule(0.3, 0.05)), -2.0)
