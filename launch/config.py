@@ -199,28 +199,22 @@ class LearnerConfig:
     """Final learning rate of the decay, as a fraction of lr."""
     nudge: float = 0.0
     """Affirmative nudge epsilon added to every advantage."""
+    signal: str = "reward"
+    """What the policy learns from: `reward` (the task's outcome reward) or `preference` (a reward model trained online
+    on a rater's choices, section `preference`: each response's signal is p(Y > Y') - 1/2 against the other
+    responses of its group, plus `nudge`; docs/PREFERENCES.md)."""
     clip_ratio: float = 0.2
     """PPO-style clip of the importance ratio pi/pi_behaviour."""
     num_cpus: float = 1.0
     """Ray CPUs the learner reserves."""
     num_gpus: float = 0.0
     """Ray GPUs the learner reserves."""
-    signal: str = "reward"
-    """What the policy learns from: `reward` (the task's outcome reward) or `preference` (a reward model trained online
-    on a rater's choices, section `preference`: each response's signal is p(Y > Y') - 1/2 against the other
-    responses of its group, plus `nudge`; docs/PREFERENCES.md)."""
     num_threads: Optional[int] = None
     """torch CPU threads of each rank; None: what Ray gives an actor that reserves `num_cpus` (1 thread for 1 CPU).
     In synchronous mode generation and learning take turns, so on a small CPU box the learner may use every core
     (the real-model configs set the machine's 2)."""
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 200
-    """Learner updates."""
-    prompts_per_step: int = 16
-    """Root prompts drawn per step."""
 @dataclass
 class PreferenceConfig:
     """Learning from preferences (read when learner.signal=preference; docs/PREFERENCES.md)."""
@@ -265,6 +259,12 @@ class PreferenceConfig:
     """Ray GPUs the reward-model actor reserves."""
 
 
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Learner updates."""
+    prompts_per_step: int = 16
+    """Root prompts drawn per step."""
     samples_per_request: int = 4
     """Continuations per request (a group for the baseline), from a prompt or a stored prefix."""
     eval_samples: int = 4
@@ -316,13 +316,13 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 _CHOICES = {"wandb.mode": ("offline", "online", "disabled")}  # wandb's own modes; every other choice is read from its owner
 
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field is Optional)
     "task.horizon": 1, "task.modulus": 2, "task.prompt_len": 1, "task.heldout_size": 1, "task.num_examples": 1,
@@ -335,6 +335,9 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "learner.num_gpus": 0, "learner.num_threads": 1, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
     "train.eval_every": 0, "train.log_every": 0, "ray.num_cpus": 1,
+    "preference.max_labels": 1, "preference.queries_per_step": 1, "preference.ensemble_size": 2,
+    "preference.head_hidden": 1, "preference.batch_size": 1, "preference.updates_per_step": 0,
+    "preference.offline_updates": 0, "preference.num_cpus": 0, "preference.num_gpus": 0, "preference.prior_scale": 0,
 }
 _POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio",
              "preference.rater_temperature", "preference.lr")
@@ -342,9 +345,6 @@ _AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 
             "learner.min_lr_ratio": 1.0, "train.stop_at_success": 1.0}
 _RUN_NAME = re.compile(r"[A-Za-z0-9_=+,-][A-Za-z0-9_.=+,-]*")
 
-    "preference.max_labels": 1, "preference.queries_per_step": 1, "preference.ensemble_size": 2,
-    "preference.head_hidden": 1, "preference.batch_size": 1, "preference.updates_per_step": 0,
-    "preference.offline_updates": 0, "preference.num_cpus": 0, "preference.num_gpus": 0, "preference.prior_scale": 0,
 
 def _leaves(node, prefix: str = ""):
     for key in node:
@@ -388,13 +388,13 @@ def _choices() -> dict[str, tuple[str, ...]]:
     top: the owners import numpy and the actor code; learner.names is the torch-free list of the learner's names)."""
     from actors.data import BAD_LINE_POLICIES
     from actors.group import ENGINES
+    from actors.raters import RATER_NAMES
     from actors.tasks import TASKS
     from actors.weight_transport import TRANSPORTS
     from learner import names
     from learner.schedule import LR_SCHEDULES
     from prefix_store.scoring import SCORERS
     from prefix_store.tree import BRANCH_ACTIONS
-    from actors.raters import RATER_NAMES
 
     owned = {"task.name": TASKS, "task.on_bad_line": BAD_LINE_POLICIES, "rollout.engine": ENGINES,
              "rollout.weight_transport": TRANSPORTS, "store.scorer": SCORERS, "store.branch_action": BRANCH_ACTIONS,
@@ -436,20 +436,11 @@ def _validate(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.learner.ref_ema < 1.0:
         raise ConfigError(f"learner.ref_ema={cfg.learner.ref_ema} must lie in [0, 1) (0: frozen base model as reference)")
     _validate_model(cfg)
+    _validate_preference(cfg)
     if cfg.model.path is not None and not os.path.isdir(os.path.expanduser(cfg.model.path)):
         raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a Hugging Face model folder or leave it unset to build the tiny base model")
 
 
-def _validate_model(cfg: DictConfig) -> None:
-    from launch.models import MODELS
-
-    m, t = cfg.model, cfg.task
-    if m.name is not None and m.name not in MODELS:
-    _validate_preference(cfg)
-        raise ConfigError(f"model.name={m.name!r} is not valid; choose one of {', '.join(MODELS)} (or leave it unset)")
-    if m.path is not None and os.path.isfile(os.path.expanduser(m.path)):
-        if m.path.lower().endswith(".gguf"):
-            raise ConfigError(f"model.path={m.path!r} is a GGUF file, not a Hugging Face folder; use model.name=smollm2 "
 def _validate_preference(cfg: DictConfig) -> None:
     p, lc = cfg.preference, cfg.learner
     if lc.signal != "preference":
@@ -467,6 +458,15 @@ def _validate_preference(cfg: DictConfig) -> None:
                           f"{cfg.train.samples_per_request} must be >= 2")
 
 
+def _validate_model(cfg: DictConfig) -> None:
+    from launch.models import MODELS
+
+    m, t = cfg.model, cfg.task
+    if m.name is not None and m.name not in MODELS:
+        raise ConfigError(f"model.name={m.name!r} is not valid; choose one of {', '.join(MODELS)} (or leave it unset)")
+    if m.path is not None and os.path.isfile(os.path.expanduser(m.path)):
+        if m.path.lower().endswith(".gguf"):
+            raise ConfigError(f"model.path={m.path!r} is a GGUF file, not a Hugging Face folder; use model.name=smollm2 "
                               "for the bundled SmolLM2-135M-Instruct, or convert it to a folder (config.json, "
                               "safetensors, tokenizer)")
         raise ConfigError(f"model.path={m.path!r} is a file; give a Hugging Face model folder (config.json, weights, tokenizer)")
