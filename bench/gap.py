@@ -42,7 +42,8 @@ VARIANTS_H8 = {  # every scorer with each branch action, and soft-value advantag
     **{f"scorer={s}": ["store.branch_fraction=0.5", f"store.scorer={s}"] for s in SCORERS_H8},
     **{f"scorer={s},force": ["store.branch_fraction=0.5", f"store.scorer={s}", "store.branch_action=force"]
        for s in SCORERS_H8},
-    "soft_value": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty", "learner.advantage=soft_value"],
+    "soft_value": ["store.branch_fraction=0.5", "store.scorer=outcome_uncertainty", "learner.advantage=soft_value",
+                   "learner.kl_mode=loss", "learner.kl_estimator=k2"],  # per-token advantages: the KL in the loss
 }
 
 

@@ -172,13 +172,19 @@ class LearnerConfig:
     """Gradient-norm clipping."""
     kl_coef: float = 0.01
     """beta of the KL-regularised objective E[r] - beta KL(pi || pi_ref)."""
-    kl_estimator: str = "k3"
-    """KL estimator in the loss: k1, k2 or k3."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator k(log rho), log rho = log pi - log pi_ref: k1, k2 or k3. What the update's expected
+    gradient follows (tests/learner/test_kl_gradients.py): k1 in the reward, the sequence-level KL(pi || pi_ref)
+    the objective states (the default); k2 in the loss, the reverse KL of each token with the prefix distribution
+    held fixed (misses what an earlier token costs in later KL); k3 in the loss, the forward KL(pi_ref || pi) of
+    each token; k1 in the loss, nothing (zero expected gradient); k2/k3 in the reward, neither KL."""
     advantage: str = "group"
     """Advantage: `group` (mean baseline over siblings sharing a start prefix), `group_norm` (also / std, GRPO),
     `rloo` (leave-one-out mean), or `soft_value` (per token V(s+a) - V(s), V from the prefix store's statistics)."""
-    kl_mode: str = "loss"
-    """Where the KL term goes: `loss` (beta * k per token in the loss) or `reward` (r - beta * sum_t k, then the baseline; use k1)."""
+    kl_mode: str = "reward"
+    """Where the KL term goes: `reward` (r - beta * sum_t k(behaviour_t, ref_t), then the baseline; with k1 the
+    exact gradient of E[r] - beta KL(pi || pi_ref), the default) or `loss` (beta * k per token in the loss; use k2,
+    and `loss` is needed with advantage=soft_value). See kl_estimator for what each pair follows."""
     ref_ema: float = 0.0
     """Reference policy: 0 = frozen copy of the base model; a in (0, 1) = EMA anchor ref <- (1-a) ref + a pi after each update."""
     dtype: str = "float32"
@@ -433,6 +439,9 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"store.branch_fraction={cfg.store.branch_fraction} must lie in [0, 1]")
     if not 0 <= cfg.learner.zero_stage <= 3:
         raise ConfigError(f"learner.zero_stage={cfg.learner.zero_stage} must be 0, 1, 2 or 3")
+    if cfg.learner.advantage == "soft_value" and cfg.learner.kl_mode == "reward":
+        raise ConfigError("learner.advantage=soft_value has per-token advantages, which learner.kl_mode=reward cannot "
+                          "shape; add learner.kl_mode=loss learner.kl_estimator=k2")
     if not 0.0 <= cfg.learner.ref_ema < 1.0:
         raise ConfigError(f"learner.ref_ema={cfg.learner.ref_ema} must lie in [0, 1) (0: frozen base model as reference)")
     _validate_model(cfg)

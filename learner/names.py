@@ -15,7 +15,8 @@ ADVANTAGES = ("group", "group_norm", "rloo", "soft_value")
 `rloo`: r - mean of the *other* members (REINFORCE leave-one-out); `soft_value`: per-token V(s+a) - V(s).
 The first three are `objectives.SEQUENCE_ADVANTAGES`; `soft_value` is `objectives.soft_value_advantages`."""
 KL_ESTIMATORS = ("k1", "k2", "k3")
-"""Per-token estimators of KL(pi || pi_ref): `objectives.KL_ESTIMATORS`."""
+"""Per-token estimators of KL(pi || pi_ref): `objectives.KL_ESTIMATORS` (which KL each one's gradient follows, in the
+reward or the loss, is in its docstring; k1 in the reward is the stated objective's)."""
 KL_MODES = ("loss", "reward")
 """`loss`: beta * k(logp, ref) per token added to the loss; `reward`: r - beta * sum_t k(behaviour_t, ref_t)."""
 DTYPES = ("float32", "bfloat16")

@@ -1,6 +1,8 @@
 """KL-regularised policy-gradient objectives. Tensors in, tensors out; no Ray, no DeepSpeed.
 
 Objective (per prompt x):  max_pi  E_{y~pi}[r(x, y)] - beta * KL(pi(.|x) || pi_ref(.|x)).
+Its gradient is what `kl_penalised_rewards` with k1 (the default, learner.kl_mode=reward) gives in expectation;
+the per-token KL in the loss optimises another quantity (see KL_ESTIMATORS, tests/learner/test_kl_gradients.py).
 
 Shapes: B samples, T continuation positions (right-padded), `mask` (B, T) is
 1 on tokens that are trained on.
@@ -139,22 +141,38 @@ def soft_value_advantages(values: torch.Tensor, mask: torch.Tensor, *, nudge: fl
 
 
 def kl_k1(log_rho: torch.Tensor) -> torch.Tensor:
-    """k1 = log rho: unbiased, of either sign (high variance)."""
+    """k1 = log rho: unbiased estimate of KL(pi || pi_ref) from y ~ pi, of either sign (high variance).
+
+    Expected gradient (tests/learner/test_kl_gradients.py): in the reward (r - beta sum_t k1_t, score function)
+    E[(sum_t log rho_t) grad log pi(y)] = grad KL(pi || pi_ref) of whole sequences, the objective's own term; in
+    the loss E[grad log pi(y)] = 0: k1 in the loss does nothing in expectation."""
     return log_rho
 
 
 def kl_k2(log_rho: torch.Tensor) -> torch.Tensor:
-    """k2 = (log rho)^2 / 2: >= 0, biased, low variance."""
+    """k2 = (log rho)^2 / 2: >= 0, a biased estimate of KL(pi || pi_ref), low variance.
+
+    Expected gradient in the loss: sum_t E_{y<t ~ pi}[sum_a pi(a) log rho(a) grad log pi(a)], the gradient of
+    each token's reverse KL(pi_t || pi_ref_t) with the prefix distribution held fixed: for one token the exact
+    reverse KL gradient, for sequences it misses E[(sum_{t>s} log rho_t) grad log pi_s], what an earlier token
+    costs in later KL. In the reward it follows neither KL."""
     return 0.5 * log_rho**2
 
 
 def kl_k3(log_rho: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(-log rho) - 1 + log rho: unbiased and >= 0 (Schulman 2020)."""
+    """k3 = exp(-log rho) - 1 + log rho: an unbiased, >= 0 estimate of the *value* of KL(pi || pi_ref) (Schulman 2020).
+
+    Its gradient is another KL's: in the loss, d k3 / d log pi = 1 - pi_ref / pi, so the expected gradient is
+    sum_a (pi(a) - pi_ref(a)) grad log pi(a) = grad KL(pi_ref || pi), the *forward* KL of each token (prefix
+    distribution held fixed). In the reward it follows neither KL. Use it to report the KL, not to optimise it."""
     return torch.expm1(-log_rho) + log_rho
 
 
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
-"""Per-token estimators of KL(pi || pi_ref) from a token sampled from pi, as functions of log rho = logp - ref_logp."""
+"""Per-token estimators of the value of KL(pi || pi_ref) from a token sampled from pi, as functions of log rho = logp -
+ref_logp. Which KL the *gradient* follows depends on estimator and placement: k1 in the reward, the sequence-level
+reverse KL (the stated objective, the default); k2 in the loss, the per-token reverse KL; k3 in the loss, the
+per-token forward KL(pi_ref || pi); k1 in the loss, none (zero); k2/k3 in the reward, neither."""
 assert tuple(KL_ESTIMATORS) == KL_ESTIMATOR_NAMES, (tuple(KL_ESTIMATORS), KL_ESTIMATOR_NAMES)
 assert (*SEQUENCE_ADVANTAGES, "soft_value") == ADVANTAGES, ((*SEQUENCE_ADVANTAGES, "soft_value"), ADVANTAGES)
 
@@ -169,9 +187,9 @@ def kl_penalised_rewards(rewards: torch.Tensor, behaviour_logp: torch.Tensor, re
     """KL in the reward: r'_i = r_i - beta * sum_t mask_it * k(behaviour_it, ref_it).
 
     The sampled sequence's own log-ratio (classic RLHF-PPO): with k1 the
-    score-function gradient of E[r'] is exactly grad (E[r] - beta KL) up to
-    the baseline; k2/k3 in the reward are biased estimators of that gradient
-    (use them in the loss). Detached: the penalty is a reward, not a loss
+    score-function gradient of E[r'] is exactly grad (E[r] - beta KL(pi || pi_ref))
+    of whole sequences, up to the baseline (the default configuration); k2/k3
+    in the reward follow neither KL (tests/learner/test_kl_gradients.py). Detached: the penalty is a reward, not a loss
     term. Then baseline r' like any reward (group / rloo).
     rewards (B,); behaviour_logp, ref_logp, mask (B, T) -> (B,)
     """
@@ -202,6 +220,9 @@ def policy_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor, ref_logp: torc
     masked tokens, or `denom` when given (the token count of the whole
     global batch, so that micro-batches and data-parallel ranks sum to the
     full-batch token mean). Set kl_coef=0 here when the KL is in the reward.
+    The KL term's expected gradient is beta/N times: 0 for k1; the per-token reverse KL(pi || pi_ref) gradient for
+    k2; the per-token *forward* KL(pi_ref || pi) gradient for k3 (see KL_ESTIMATORS). For the sequence-level
+    objective put k1 in the reward instead (`kl_penalised_rewards`).
     logp, behaviour_logp, ref_logp, mask: (B, T) -> scalar loss, metrics (token sums / N).
     """
     n = mask.sum().clamp(min=1) if denom is None else denom
