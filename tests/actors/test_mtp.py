@@ -1,0 +1,169 @@
+"""Pure parts of actors/mtp.py on plain lists and tensors: tree mask, positions, tree building, greedy acceptance,
+and the lossless sampling rule (exact enumeration and many draws with a fixed generator)."""
+import itertools
+
+import pytest
+import torch
+
+from actors.mtp import PROBE, DraftTree, accept_greedy, accept_sample, build_tree, depths, sample_residual, step_mask
+
+#        root
+#       /    \
+#     0(5)   1(6)
+#     /  \      \
+#   2(7) 3(8)   4(9)
+#    |
+#   5(PROBE)
+TREE = DraftTree(tokens=[5, 6, 7, 8, 9, PROBE], parents=[-1, -1, 0, 0, 1, 2])
+
+
+def test_depths_and_parent_order():
+    assert depths(TREE.parents) == [0, 0, 1, 1, 1, 2]
+    with pytest.raises(ValueError, match="parent must precede"):
+        depths([-1, 2, 0])
+
+
+def test_step_mask_shape_ancestors_and_positions():
+    allowed, pos = step_mask(num_cached=3, num_pending=2, parents=TREE.parents)
+    assert allowed.shape == (2 + 6, 3 + 2 + 6)
+    assert allowed[:, :3].all()  # everything sees the cache
+    assert allowed[0, 3] and not allowed[0, 4] and allowed[1, 4]  # pending tokens are causal
+    assert not allowed[:2, 5:].any()  # pending tokens never see the tree
+    ancestors = {0: {0}, 1: {1}, 2: {0, 2}, 3: {0, 3}, 4: {1, 4}, 5: {0, 2, 5}}
+    for j, anc in ancestors.items():
+        row = allowed[2 + j]
+        assert row[3:5].all(), f"node {j} must see both pending tokens"
+        assert {i for i in range(6) if row[5 + i]} == anc, f"node {j}"
+    assert pos.tolist() == [3, 4, 5, 5, 6, 6, 6, 7]
+
+
+def test_step_mask_without_tree_is_causal():
+    allowed, pos = step_mask(num_cached=0, num_pending=4, parents=[])
+    assert torch.equal(allowed, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    assert pos.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="at least one pending"):
+        step_mask(2, 0, [])
+
+
+def test_children_skip_probes_and_keep_order():
+    assert TREE.children(-1) == [0, 1]
+    assert TREE.children(0) == [2, 3]
+    assert TREE.children(2) == []  # its only child is a probe
+
+
+def test_build_tree_best_first_with_budget_and_pruning():
+    toks = [[10, 11], [20, 21], [30, 31]]
+    probs = [[0.6, 0.25], [0.5, 0.4], [0.9, 0.1]]
+    tree = build_tree(toks, probs, max_nodes=4)
+    # scores: 10:.6, 10-20:.3, 10-20-30:.27, 11:.25, 10-21:.24, 11-20:.125, ...
+    assert tree.tokens == [10, 20, 30, 11]
+    assert tree.parents == [-1, 0, 1, -1]
+    pruned = build_tree(toks, probs, max_nodes=50, min_prob=0.25)
+    assert pruned.tokens == tree.tokens and pruned.parents == tree.parents
+    assert len(build_tree(toks, probs, max_nodes=50)) == 2 + 4 + 8
+    assert len(build_tree([], [], max_nodes=5)) == 0
+
+
+def test_build_tree_drops_duplicate_siblings():
+    tree = build_tree([[4, 4, 5]], [[0.5, 0.4, 0.1]], max_nodes=10)
+    assert tree.tokens == [4, 5]
+
+
+def test_accept_greedy_longest_matching_path():
+    argmax = [0] * 7
+    argmax[0], argmax[1], argmax[4] = 5, 8, 1  # root -> 5 (node 0), node 0 -> 8 (node 3), node 3 -> bonus 1
+    assert accept_greedy(TREE, argmax) == ([0, 3], 1)
+    argmax[0] = 6  # root -> node 1; node 1's argmax (argmax[2] = 0) matches none of its children
+    assert accept_greedy(TREE, argmax) == ([1], 0)
+    argmax[0] = 42
+    assert accept_greedy(TREE, argmax) == ([], 42)
+    assert accept_greedy(DraftTree(), [3]) == ([], 3)
+
+
+def _residual_law(p: list[float], cands: list[int]) -> list[float]:
+    """Exact law of the token `sample_residual` emits, computed by enumerating its branches."""
+    out, q, reach = [0.0] * len(p), list(p), 1.0
+    for x in cands:
+        s = sum(q)
+        out[x] += reach * q[x] / s
+        reach *= 1 - q[x] / s
+        q[x] = 0.0
+    s = sum(q)
+    for i, v in enumerate(q):
+        out[i] += reach * v / s
+    return out
+
+
+@pytest.mark.parametrize("cands", [[], [2], [2, 0], [0, 1, 2, 3], [4, 4]])
+def test_residual_rule_is_exactly_lossless(cands):
+    p = [0.1, 0.25, 0.4, 0.05, 0.2]
+    assert _residual_law(p, cands) == pytest.approx(p, abs=1e-12)
+
+
+def test_residual_rule_draws_match_the_target():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.1, 0.25, 0.4, 0.05, 0.2])
+    n = 40_000
+    counts, hits = torch.zeros(5), 0
+    for _ in range(n):
+        j, tok = sample_residual(p, [2, 0, 3], gen)
+        counts[tok] += 1
+        hits += j is not None
+    freq = counts / n
+    assert (freq - p).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 standard errors at worst
+    assert abs(hits / n - 0.55) < 0.015  # 0.4 + 0.6 * (0.1 / 0.6) + 0.5 * (0.05 / 0.5)
+
+
+def test_tree_walk_is_lossless_on_a_markov_chain():
+    """Two tokens from a 3-symbol Markov chain: the joint law of what accept_sample emits (accepted + bonus,
+    first two tokens) equals p(x1) p(x2 | x1), with a tree that drafts wrong and right children."""
+    p1 = torch.tensor([0.5, 0.3, 0.2])
+    p2 = torch.tensor([[0.1, 0.6, 0.3], [0.7, 0.2, 0.1], [0.3, 0.3, 0.4]])  # p2[x1] = law of x2 after x1
+    p3 = torch.full((3,), 1 / 3)
+    tree = DraftTree(tokens=[1, 0, 2, 1], parents=[-1, -1, 1, 1])  # root: try 1 then 0; under 0: 2 then 1
+    probs = torch.stack([p1, p2[1], p2[0], p3, p3])  # target at root, node0 (tok 1), node1 (tok 0), leaves
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(3, 3)
+    n = 30_000
+    for _ in range(n):
+        path, bonus = accept_sample(tree, probs, gen)
+        seq = [tree.tokens[j] for j in path] + [bonus]
+        if len(seq) == 1:  # stopped at the root: x2 comes from a plain draw after x1, as the next call would
+            seq.append(int(torch.multinomial(p2[seq[0]], 1, generator=gen)))
+        counts[seq[0], seq[1]] += 1
+    joint = p1[:, None] * p2
+    assert (counts / n - joint).abs().max() < 4 * (0.25 / n) ** 0.5
+
+
+def test_sample_residual_at_a_leaf_samples_the_target():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.tensor([0.0, 1.0, 0.0])
+    assert all(sample_residual(p, [], gen) == (None, 1) for _ in range(20))
+    assert all(sample_residual(p, [1], gen) == (0, 1) for _ in range(20))
+    assert all(sample_residual(p, [0, 2], gen) == (None, 1) for _ in range(20))
+
+
+def test_greedy_walk_matches_a_brute_force_search():
+    """accept_greedy = the deepest node whose whole path matches, over every tree node (small random trees)."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        parents = [int(torch.randint(-1, j, (1,), generator=g)) for j in range(n)]
+        tokens = torch.randint(0, 3, (n,), generator=g).tolist()
+        tree = DraftTree(tokens=tokens, parents=parents)
+        argmax = torch.randint(0, 3, (n + 1,), generator=g).tolist()
+        path, bonus = accept_greedy(tree, argmax)
+        best = []
+        for j in range(n):
+            chain, a = [], j
+            while a >= 0:
+                chain.append(a)
+                a = parents[a]
+            chain.reverse()
+            ok = all(tokens[c] == argmax[(parents[c] + 1)] for c in chain)
+            if ok and len(chain) > len(best):
+                best = chain
+        assert len(path) == len(best)
+        assert bonus == argmax[(path[-1] + 1) if path else 0]
+        assert all(parents[c] == (path[i - 1] if i else -1) and tokens[c] == argmax[parents[c] + 1]
+                   for i, c in enumerate(path))  # a matching root-to-node chain
