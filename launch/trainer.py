@@ -12,6 +12,8 @@
                   beside the update, in synchronous mode unless the advantages read the store's soft values)
     prefetch      async mode: the next step's select, then its generation started in the background
     drop_stale    samples more than train.max_policy_lag updates old are dropped
+    preferences   learner.signal=preference: score the responses, ask the rater about the chosen pairs, train the
+                  reward model, the preference signal replaces the rewards (learner/rm_phase.py; rm/ metrics)
     build_batch   advantages (and soft values) -> TrainBatch
     update        one KL-regularised learner update
     push_weights  the new weights to every rollout actor
@@ -67,6 +69,8 @@ class Components:
     store: object
     learner: object
     model_dir: str
+    reward_model: object = None
+    """learner.signal=preference: the reward-model actor (learner.rm_worker.RewardModelClient); else None."""
 
 
 @dataclass
@@ -212,7 +216,13 @@ def start_components(cfg: Config, log) -> Components:
     store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=tc.seed)
     learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
                            micro_batch_size=tc.prompts_per_step * tc.samples_per_request, env_vars=env)
-    return Components(task=task, rollout=rollout, store=store, learner=learner, model_dir=model_dir)
+    reward_model = None
+    if cfg.learner.signal == "preference":
+        from learner.rm_worker import RewardModelClient
+
+        reward_model = RewardModelClient(model_dir=model_dir, pref_cfg=cfg.preference, seed=tc.seed, env_vars=env)
+    return Components(task=task, rollout=rollout, store=store, learner=learner, model_dir=model_dir,
+                      reward_model=reward_model)
 
 
 def prefix_cache_hit_rate(rollouts) -> float:
@@ -280,6 +290,12 @@ class Trainer:
         self.last_rollouts: list = []
         self.last_fresh_roots: list[str] = []
         """Root ids of the fresh prompts of the last step, in order (kept in history.json, not sent to wandb)."""
+        self.preferences = None
+        """learner.signal=preference: the `preferences` phase (learner/rm_phase.py: score, query, rater, RM update)."""
+        if comp.reward_model is not None:
+            from learner.rm_phase import make_preference_phase
+
+            self.preferences = make_preference_phase(comp, cfg, lambda reqs: self.generate(reqs).rollouts)
 
     @property
     def phase(self) -> str:
@@ -311,12 +327,13 @@ class Trainer:
         self.counters.stale_dropped += len(rollouts) - len(fresh)
         return fresh
 
-    def build_batch(self, rollouts):
+    def build_batch(self, rollouts, rewards=None):
+        """rewards: the preference signal replacing the outcome rewards (learner.signal=preference), else None."""
         from learner.batch import build_train_batch
 
         lc = self.cfg.learner
         values = self.comp.store.soft_values(rollouts) if lc.advantage == "soft_value" else None
-        return build_train_batch(rollouts, advantage=lc.advantage, nudge=lc.nudge, values=values)
+        return build_train_batch(rollouts, advantage=lc.advantage, nudge=lc.nudge, values=values, rewards=rewards)
 
     def push_weights(self) -> None:
         """By rollout.weight_transport: the object store (CPU and GPU) or vLLM's weight-transfer engines (GPU)."""
@@ -340,10 +357,15 @@ class Trainer:
                 self.prefetcher.start(self.select(step + 1))
         with t("drop_stale"):
             fresh = self.drop_stale(gen.rollouts)
+        signal, rm_metrics = None, {}
+        if self.preferences is not None:
+            with t("preferences"):
+                signal, rm_metrics = self.preferences(fresh, step)
         with t("build_batch"):
-            batch = self.build_batch(fresh)
+            batch = self.build_batch(fresh, signal)
         with t("update"):
-            metrics = self.comp.learner.train_step(batch)
+            metrics, weights = self.update(batch)
+        metrics.update(rm_metrics)
         behind = [self.version - r.policy_version for r in gen.rollouts]
         self.version = int(metrics.get("learner/version", self.version))
         with t("push_weights"):
@@ -410,6 +432,8 @@ class Trainer:
         ckpt_root = os.path.join(self.run_dir, "checkpoints")
         path = self.comp.learner.save_checkpoint(ckpt_root, extra=extra, commit=False)  # committed below, with the store
         self.comp.store.snapshot(os.path.join(path, "store"))
+        if self.preferences is not None:
+            self.preferences.save(os.path.join(path, "preferences"))
         write_history(self.run_dir, c.history)
         commit_checkpoint(ckpt_root, os.path.basename(path), keep=self.cfg.train.keep_checkpoints)
         return path
@@ -422,6 +446,8 @@ class Trainer:
         ckpt_root = os.path.join(self.run_dir, "checkpoints")
         extra = self.comp.learner.load_checkpoint(ckpt_root)
         self.comp.store.restore(os.path.join(ckpt_root, latest_tag(ckpt_root), "store"))
+        if self.preferences is not None:
+            self.preferences.restore(os.path.join(ckpt_root, latest_tag(ckpt_root), "preferences"))
         c = Counters(**extra["counters"])
         c.evals = [tuple(e) for e in c.evals]
         with open(os.path.join(self.run_dir, "history.json")) as f:

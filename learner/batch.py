@@ -48,7 +48,7 @@ class TrainBatch:
 
 
 def build_train_batch(rollouts: list[Rollout], *, advantage: str, nudge: float,
-                      values: list[list[float]] | None = None) -> TrainBatch:
+                      values: list[list[float]] | None = None, rewards: list[float] | None = None) -> TrainBatch:
     """Group continuations by request (same start), compute baselined advantages.
 
     `advantage` is one of learner.names.ADVANTAGES. For `soft_value`,
@@ -56,8 +56,10 @@ def build_train_batch(rollouts: list[Rollout], *, advantage: str, nudge: float,
     (s_t = its context + first t new tokens; from the prefix store's
     `soft_values`); V after the last token is its reward.
     The sequence advantage is then r - V(s_0) + nudge.
+    `rewards[i]`, when given, replaces rollout i's outcome reward (learner.signal=preference: its preference
+    signal mean_j p(Y_i > Y_j) against its group, whose `group` advantage is p - 1/2 + nudge).
     """
-    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+    rewards = torch.tensor([r.reward for r in rollouts] if rewards is None else rewards, dtype=torch.float64)
     groups = torch.tensor([r.request_id for r in rollouts])
     token_adv = None
     if advantage == "soft_value":

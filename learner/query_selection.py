@@ -21,6 +21,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
+from learner.names import QUERY_SELECTIONS
 from protocol.registry import lookup
 
 
@@ -69,6 +70,7 @@ SELECTORS: dict[str, Callable[..., tuple[int, int] | None]] = {
 }
 """Query selectors by name: f(particles (n, K), rng, keys=None) -> (i, j) or None (`preference.query_selection`)."""
 SELECTOR_NAMES = tuple(SELECTORS)
+assert SELECTOR_NAMES == QUERY_SELECTIONS, (SELECTOR_NAMES, QUERY_SELECTIONS)  # config validation reads learner.names
 
 
 def select_pair(name: str, particles: torch.Tensor, rng: random.Random, keys=None) -> tuple[int, int] | None:
