@@ -60,6 +60,8 @@ class Counters:
     history: list[dict] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
     """(generated training tokens, held-out success) at each evaluation."""
+    exact_evals: list[tuple[int, float]] = field(default_factory=list)
+    """Chain task: (generated training tokens, exact held-out success by teacher forcing) at each evaluation."""
 
 
 @dataclass
@@ -180,6 +182,16 @@ def evaluate(rollout_group, task, samples: int) -> tuple[float, int]:
             for i, d in enumerate(task.heldout_prompts())]
     outs = rollout_group.generate(reqs)
     return sum(r.reward for r in outs) / len(outs), sum(len(r.token_ids) for r in outs)
+
+
+def exact_success(learner_group, task) -> float:
+    """Chain task: mean over held-out prompts x of prod_{i < H} pi(s_i | x, s_<i), s the right answer: the exact
+    held-out success of the learner's policy, by teacher forcing (one forward pass per prompt, batched)."""
+    import math
+
+    seqs = [task.teacher_forcing(d) for d in task.heldout_prompts()]
+    logp = learner_group.teacher_forced_logprob([s for s, _ in seqs], [f for _, f in seqs], task.horizon)
+    return sum(math.exp(x) for x in logp) / len(logp)
 
 
 def weight_sync_check(rollout_group, learner_group, task) -> dict:
@@ -411,10 +423,17 @@ class Trainer:
 
     # ----- evaluation, checkpoints ---------------------------------------------------------------------------
     def evaluate(self) -> float:
-        """Held-out success now, recorded against the training tokens generated so far."""
+        """Held-out success now (sampled), recorded against the training tokens generated so far; on the chain task
+        also the exact held-out success by teacher forcing (`exact_success`), logged as `eval/exact_success` beside
+        it and kept in `counters.exact_evals`."""
         success, tokens = evaluate(self.comp.rollout, self.comp.task, self.cfg.train.eval_samples)
         self.counters.eval_tokens += tokens
         self.counters.evals.append((self.counters.generated_tokens, success))
+        if self.comp.task.name == "chain":
+            exact = exact_success(self.comp.learner, self.comp.task)
+            self.counters.exact_evals.append((self.counters.generated_tokens, exact))
+            if self.wandb_run is not None:  # the step's row: run.log(metrics, step=self.step) follows
+                self.wandb_run.log({"eval/exact_success": exact}, step=self.step)
         return success
 
     def save_checkpoint(self) -> str:

@@ -149,6 +149,10 @@ class LearnerGroup:
             return ray.get(self.actors[0].call.remote("sequence_logprobs", token_ids))
         return self._get("sequence_logprobs", token_ids)
 
+    def teacher_forced_logprob(self, token_ids: list[list[int]], first: list[int], horizon: int) -> list[float]:
+        """`Learner.teacher_forced_logprob` (rank 0's answer; every rank runs it, as ZeRO-3 needs)."""
+        return self._get("teacher_forced_logprob", token_ids, first, horizon)
+
     def save_checkpoint(self, ckpt_dir: str, *, extra: dict | None = None, keep: int = 2, hf: bool = True,
                         commit: bool = True) -> str:
         """DeepSpeed state + RNG + `extra` (data position) + an hf/ folder under ckpt_dir/step<version>; keeps the

@@ -332,6 +332,26 @@ class Learner:
             logp = torch.log_softmax(self.engine.module(input_ids=ids).logits.float(), -1)[0, :-1]
             return logp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
 
+    def teacher_forced_logprob(self, token_ids: list[list[int]], first: list[int], horizon: int,
+                               batch_size: int = 256) -> list[float]:
+        """log prod_{i < H} pi(x_{f+i} | x_{<f+i}) of each sequence (prompt + right answer, answer at f = first[j])
+        under the current policy: `learner.exact_success.teacher_forced_logprob`, one forward pass per sequence,
+        `batch_size` sequences at a time, right-padded (every rank must call it under ZeRO-3)."""
+        from learner.exact_success import teacher_forced_logprob
+
+        torch, out = self.torch, []
+        with torch.no_grad():
+            for k in range(0, len(token_ids), batch_size):
+                rows = token_ids[k: k + batch_size]
+                ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
+                for j, r in enumerate(rows):
+                    ids[j, : len(r)] = torch.tensor(r)
+                ids = ids.to(self.device)  # (B, L)
+                logits = self.engine.module(input_ids=ids).logits  # (B, L, V); causal: the padding is never attended
+                f = torch.tensor(first[k: k + batch_size], device=self.device)
+                out += teacher_forced_logprob(logits, ids, f, horizon).tolist()
+        return out
+
     def get_version(self) -> int:
         return self.version
 

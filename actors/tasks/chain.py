@@ -124,6 +124,13 @@ class ChainTask:
     def answer_ids(self, digits: tuple[int, ...]) -> list[int]:
         return [digit_token(s) for s in self.running_sums(digits)] + [EOS]
 
+    def teacher_forcing(self, digits: tuple[int, ...]) -> tuple[list[int], int]:
+        """(prompt + the H right step tokens, position of the first step token): the sequence whose teacher-forced
+        probability prod_{i < H} pi(s_i | prompt, s_<i) is the exact chance that a sample from this prompt earns
+        reward 1 (learner.exact_success)."""
+        prompt = self.prompt_ids(digits)
+        return prompt + self.answer_ids(digits)[: self.horizon], len(prompt)
+
     @property
     def max_new_tokens(self) -> int:
         return self.horizon + 1
