@@ -60,6 +60,21 @@ def chain_task(task_cfg):
                      modulus=task_cfg.modulus, prompt_len=task_cfg.prompt_len)
 
 
+def build_task_cfg(model_cfg, task_cfg):
+    """The chain task the base model is built on: `task_cfg` itself, or with `model.build_horizon` H_b set, the same
+    task at horizon H_b with prompt_len = task_cfg.prompt_len or H_b. The training task at task.horizon = H <= H_b
+    on the same prompts is its first H steps (the running sums do not depend on H), so one model serves every H."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    h = getattr(model_cfg, "build_horizon", None)
+    if h is None:
+        return task_cfg
+    plain = OmegaConf.to_object(task_cfg) if isinstance(task_cfg, DictConfig) else task_cfg
+    return dataclasses.replace(plain, horizon=h, prompt_len=task_cfg.prompt_len or h)
+
+
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -243,6 +258,7 @@ def ensure_base_model(model_cfg, task_cfg, log=print) -> str:
     if task_cfg.name != "chain":
         raise ConfigError(f"task.name={task_cfg.name!r} needs model.path (a Hugging Face model folder with a tokenizer) "
                           "or model.name=smollm2; the built-in tiny base model only speaks the chain task")
+    task_cfg = build_task_cfg(model_cfg, task_cfg)  # model.build_horizon: the base model of a longer chain
     out_dir = base_model_dir(model_cfg, task_cfg)
     if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)

@@ -37,7 +37,7 @@ class TaskConfig:
     modulus: int = 10
     """Chain task: size m of the step alphabet (the digits 0..m-1), 2 <= m <= 10."""
     prompt_len: Optional[int] = None
-    """Chain task: prompt symbols L (None: L = H); step i adds symbol ((i-1) mod L) + 1."""
+    """Chain task: prompt symbols L (None: L = H, or model.build_horizon when set); step i adds symbol ((i-1) mod L) + 1."""
     heldout_size: int = 128
     """Number of held-out prompts (disjoint from training prompts) used for evaluation."""
     seed: int = 0
@@ -82,6 +82,10 @@ class ModelConfig:
     """Attention heads of the tiny Llama."""
     target_q: float = 0.5
     """Base model: probability of the right step given a correct prefix (noisy demonstrations)."""
+    build_horizon: Optional[int] = None
+    """Chain task, tiny base model: the horizon H_b >= task.horizon it is built at (None: task.horizon). Set it to
+    the largest H of a comparison and every H trains the same base model (the same q): prompts then have
+    task.prompt_len = H_b symbols unless set, and the reward counts the first task.horizon of the H_b steps."""
     sft_steps: Optional[int] = None
     """Supervised steps of the base-model build; None: 375 * task.horizon (1500 at H=4, 3000 at H=8: at a fixed
     1500 the H=8 model only reached q=0.30)."""
@@ -332,7 +336,7 @@ _CHOICES = {"wandb.mode": ("offline", "online", "disabled")}  # wandb's own mode
 
 _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field is Optional)
     "task.horizon": 1, "task.modulus": 2, "task.prompt_len": 1, "task.heldout_size": 1, "task.num_examples": 1,
-    "task.max_new_tokens": 1, "model.hidden_size": 1, "model.num_layers": 1, "model.num_heads": 1, "model.sft_steps": 1,
+    "task.max_new_tokens": 1, "model.hidden_size": 1, "model.num_layers": 1, "model.num_heads": 1, "model.sft_steps": 1, "model.build_horizon": 1,
     "model.sft_batch_size": 1, "rollout.num_actors": 1, "rollout.num_cpus_per_actor": 0, "rollout.num_gpus_per_actor": 0,
     "rollout.top_k_logprobs": 0, "rollout.kv_cache_gib": 1, "rollout.weight_bucket_mb": 1, "rollout.max_restarts": 0,
     "rollout.request_retries": 0, "store.num_shards": 1, "store.max_branches_per_position": 1, "store.max_tokens": 1,
@@ -485,6 +489,13 @@ def _validate_model(cfg: DictConfig) -> None:
     if t.name == "reasoning_gym" and not t.generator:
         raise ConfigError("task.name=reasoning_gym needs task.generator, a reasoning_gym dataset name (e.g. chain_sum, "
                           "gsm_symbolic)")
+    if m.build_horizon is not None:
+        if t.name != "chain" or m.path is not None or m.name is not None:
+            raise ConfigError(f"model.build_horizon={m.build_horizon} only applies to the tiny base model of the chain "
+                              "task; leave it unset with model.path, model.name or another task")
+        if m.build_horizon < t.horizon:
+            raise ConfigError(f"model.build_horizon={m.build_horizon} must be >= task.horizon={t.horizon}: the base "
+                              "model is built at the larger horizon and the reward counts the first task.horizon steps")
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
@@ -518,8 +529,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"invalid config ({source}): {msg}") from None
+    if cfg.model.build_horizon is not None and cfg.model.build_horizon >= cfg.task.horizon and cfg.task.prompt_len is None:
+        cfg.task.prompt_len = cfg.model.build_horizon  # the prompts the base model was built on (a bad value: _validate)
     if cfg.model.sft_steps is None:
-        cfg.model.sft_steps = default_sft_steps(cfg.task.horizon)
+        cfg.model.sft_steps = default_sft_steps(cfg.model.build_horizon or cfg.task.horizon)
     if cfg.store.beta is None:  # derived values: computed once, right after loading
         cfg.store.beta = cfg.learner.kl_coef
     _validate(cfg)
