@@ -185,8 +185,11 @@ def accept_sample(tree: DraftTree, probs: torch.Tensor, generator: torch.Generat
 
 
 class Proposer:
-    """No drafts: `decode` with it is plain autoregressive decoding through the same code path."""
-    num_probes = 0
+    """No drafts: `decode` with it is plain autoregressive decoding through the same code path.
+
+    A proposer gives each call its tree (`draft`), optionally probe nodes after the tree (`probe_parents`: their
+    parents, indices < len(tree) + own index, -1 = the root; all take `probe_embedding()` as input), and sees what
+    the call accepted (`observe`: the new tokens, the accepted tree nodes, the target's logits at the probes)."""
 
     def start(self, prompt_ids: list[int], embed: torch.nn.Embedding) -> None:
         pass
@@ -194,10 +197,13 @@ class Proposer:
     def draft(self, committed: list[int]) -> DraftTree:
         return DraftTree()
 
+    def probe_parents(self, tree: DraftTree) -> list[int]:
+        return []
+
     def probe_embedding(self) -> torch.Tensor | None:
         return None
 
-    def observe(self, new_tokens: list[int], num_accepted: int, probe_logits: torch.Tensor | None) -> None:
+    def observe(self, new_tokens: list[int], path: list[int], probe_logits: torch.Tensor | None) -> None:
         pass
 
 
@@ -208,10 +214,13 @@ class MaskProbe(Proposer):
     call that accepted a tree tokens (+1 bonus) the new root is a + 1 places further on, so mask a + d guesses depth d
     of the next tree: masks a .. k-1 seed depths 0 .. k-1-a (a >= k leaves none: the next tree is empty)."""
 
-    def __init__(self, *, k: int = 4, top_k: int = 3, max_nodes: int = 12, min_prob: float = 0.0):
+    def __init__(self, *, k: int = 4, top_k: int = 3, max_nodes: int = 12, min_prob: float = 0.0,
+                 chain_probes: bool = False):
         if k < 1 or top_k < 1 or max_nodes < 1:
             raise ValueError(f"MaskProbe needs k, top_k, max_nodes >= 1 (got {k}, {top_k}, {max_nodes})")
-        self.num_probes, self.top_k, self.max_nodes, self.min_prob = k, top_k, max_nodes, min_prob
+        self.k, self.top_k, self.max_nodes, self.min_prob = k, top_k, max_nodes, min_prob
+        self.chain_probes = chain_probes
+        self._chain: list[int] = []
         self._sum: torch.Tensor | None = None
         self._count = 0
         self._embed: torch.nn.Embedding | None = None
@@ -232,12 +241,29 @@ class MaskProbe(Proposer):
         toks, probs = self._guess
         return build_tree(toks, probs, max_nodes=self.max_nodes, min_prob=self.min_prob)
 
-    def observe(self, new_tokens: list[int], num_accepted: int, probe_logits: torch.Tensor | None) -> None:
+    def probe_parents(self, tree: DraftTree) -> list[int]:
+        """k masks chained after the root; with chain_probes, k more after the end of the tree's first path (its
+        most probable chain), which are the better guesses when the whole chain is accepted."""
+        n, k = len(tree), self.k
+        parents = [-1] + list(range(n, n + k - 1))
+        self._chain = []
+        if self.chain_probes and n:
+            node = 0
+            while node >= 0:
+                self._chain.append(node)
+                node = next((c for c in tree.children(node)), -1)
+            parents += [self._chain[-1]] + list(range(n + k, n + 2 * k - 1))
+        return parents
+
+    def observe(self, new_tokens: list[int], path: list[int], probe_logits: torch.Tensor | None) -> None:
         with torch.no_grad():
             self._sum = self._sum + self._embed(torch.tensor(new_tokens)).sum(0)
         self._count += len(new_tokens)
-        probs = torch.softmax(probe_logits[num_accepted:].float(), dim=-1)  # (k - a, V)
-        top = probs.topk(self.top_k, dim=-1)
+        if self._chain and path == self._chain:  # masks after the accepted chain: mask i guesses depth i
+            rows = probe_logits[self.k:]
+        else:
+            rows = probe_logits[len(path):self.k]  # (k - a, V)
+        top = torch.softmax(rows.float(), dim=-1).topk(self.top_k, dim=-1)
         self._guess = (top.indices.tolist(), top.values.tolist())
 
 
@@ -286,9 +312,9 @@ def decode(model, prompt_ids: list[int], *, max_new_tokens: int, proposer: Propo
     while len(out) < max_new_tokens:
         tree = proposer.draft(committed)
         pending = committed[cached:]
-        k = proposer.num_probes
-        parents = tree.parents + [-1] + list(range(len(tree), len(tree) + k - 1)) if k else list(tree.parents)
-        allowed, positions = step_mask(cached, len(pending), parents)
+        probe_parents = proposer.probe_parents(tree)
+        k = len(probe_parents)
+        allowed, positions = step_mask(cached, len(pending), tree.parents + probe_parents)
         parts = [embed(torch.tensor(pending + tree.tokens, dtype=torch.long))]
         if k:
             parts.append(proposer.probe_embedding()[None].expand(k, -1))
@@ -313,7 +339,7 @@ def decode(model, prompt_ids: list[int], *, max_new_tokens: int, proposer: Propo
         stats.accepted_drafts += len(new) - 1
         if out[-1:] == [eos_token_id]:
             break
-        proposer.observe(new, len(path), logits[p + n:] if k else None)
+        proposer.observe(new, path, logits[p + n:] if k else None)
     stats.new_tokens = len(out)
     stats.seconds = time.perf_counter() - t0
     return out, stats

@@ -167,3 +167,33 @@ def test_greedy_walk_matches_a_brute_force_search():
         assert bonus == argmax[(path[-1] + 1) if path else 0]
         assert all(parents[c] == (path[i - 1] if i else -1) and tokens[c] == argmax[parents[c] + 1]
                    for i, c in enumerate(path))  # a matching root-to-node chain
+
+
+def test_mask_probe_places_masks_and_reads_the_right_ones():
+    from actors.mtp import MaskProbe
+
+    emb = torch.nn.Embedding(10, 4)
+    mp = MaskProbe(k=3, top_k=2, max_nodes=6, chain_probes=True)
+    mp.start([1, 2, 3], emb)
+    assert torch.allclose(mp.probe_embedding(), emb.weight[[1, 2, 3]].mean(0))
+    assert mp.draft([1, 2, 3]).tokens == []  # nothing guessed yet
+    assert mp.probe_parents(DraftTree()) == [-1, 0, 1]  # root chain only when there is no tree
+    logits = torch.full((3, 10), -9.0)
+    for i, t in enumerate((4, 5, 6)):
+        logits[i, t] = 5.0  # mask i's best guess: token 4 + i
+        logits[i, 9] = 4.0  # and 9 second
+    mp.observe([7], [], logits)  # nothing accepted: masks 0.. seed depths 0..
+    assert torch.allclose(mp.probe_embedding(), emb.weight[[1, 2, 3, 7]].mean(0))
+    tree = mp.draft([1, 2, 3, 7])
+    assert tree.tokens[:3] == [4, 5, 6] and tree.parents[:3] == [-1, 0, 1]  # the most probable chain first
+    parents = mp.probe_parents(tree)
+    n = len(tree)
+    assert parents == [-1, n, n + 1, 2, n + 3, n + 4]  # root chain, then a chain after the chain's end (node 2)
+    six = torch.full((6, 10), -9.0)
+    six[3:, 8] = 5.0  # the masks after the chain guess 8
+    six[:3, 3] = 5.0  # the root masks guess 3
+    mp.observe([4, 5, 6, 0], [0, 1, 2], six)  # whole chain accepted: read the chain-end masks
+    assert mp.draft([]).tokens[0] == 8
+    mp.probe_parents(mp.draft([]))
+    mp.observe([8, 1], [0], six)  # one accepted (not the whole chain): root masks 1.. seed depths 0..
+    assert len(mp._guess[0]) == 2 and mp.draft([]).tokens[0] == 3
