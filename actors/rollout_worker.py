@@ -114,14 +114,18 @@ def exits_if_engine_dead(method):
 
 def engine_kwargs(model_dir: str, rollout_cfg, seed: int) -> dict:
     """Arguments of `vllm.LLM` / `AsyncEngineArgs` (the same engine settings for both variants); a vLLM weight
-    transport (`rollout.weight_transport` nccl / ipc) adds vLLM's `weight_transfer_config`."""
+    transport (`rollout.weight_transport` nccl / ipc) adds vLLM's `weight_transfer_config`, `rollout.speculative`
+    its `speculative_config`."""
+    from actors.speculative import vllm_speculative_kwargs
     from actors.weight_transport import engine_transfer_kwargs
 
     return dict(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
                 gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True, seed=seed,
                 worker_extension_cls="actors.weight_receiver.WeightReceiver",
                 **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}),
-                **engine_transfer_kwargs(getattr(rollout_cfg, "weight_transport", "object_store")))
+                **engine_transfer_kwargs(getattr(rollout_cfg, "weight_transport", "object_store")),
+                **vllm_speculative_kwargs(getattr(rollout_cfg, "speculative", "none"),
+                                          getattr(rollout_cfg, "speculative_tokens", 4)))
 
 
 def init_request(init_info: dict):

@@ -122,6 +122,11 @@ class RolloutConfig:
     affinity: bool = True
     """Route a branch request to the actor that last generated for its root (its prefix cache may hold the KV);
     False: every request goes to the least-loaded actor."""
+    speculative: str = "none"
+    """Speculative decoding inside the rollout engines, one of actors.speculative.VLLM_SPECULATIVE: `none` or `ngram`
+    (vLLM's prompt lookup; lossless, greedy outputs unchanged). See docs/MTP.md for what it buys on the CPU."""
+    speculative_tokens: int = 4
+    """`speculative=ngram`: draft tokens proposed per engine step."""
     engine: str = "sync"
     """vLLM engine of each rollout actor: `sync` (`vllm.LLM`, one call at a time, its requests batched) or `async`
     (`AsyncLLM`: calls and requests served concurrently, weight pushes wait for the calls in flight)."""
@@ -339,7 +344,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "task.max_new_tokens": 1, "model.hidden_size": 1, "model.num_layers": 1, "model.num_heads": 1, "model.sft_steps": 1, "model.build_horizon": 1,
     "model.sft_batch_size": 1, "rollout.num_actors": 1, "rollout.num_cpus_per_actor": 0, "rollout.num_gpus_per_actor": 0,
     "rollout.top_k_logprobs": 0, "rollout.kv_cache_gib": 1, "rollout.weight_bucket_mb": 1, "rollout.max_restarts": 0,
-    "rollout.request_retries": 0, "store.num_shards": 1, "store.max_branches_per_position": 1, "store.max_tokens": 1,
+    "rollout.request_retries": 0, "rollout.speculative_tokens": 1, "store.num_shards": 1, "store.max_branches_per_position": 1, "store.max_tokens": 1,
     "store.snapshot_every": 0, "learner.kl_coef": 0, "learner.grad_accum_steps": 1, "learner.world_size": 1,
     "learner.weight_decay": 0, "learner.warmup_steps": 0, "learner.decay_steps": 0, "learner.num_cpus": 0,
     "learner.num_gpus": 0, "learner.num_threads": 1, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
@@ -397,6 +402,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     """Each field that names an implementation -> the names its owner's registry holds (imported here, not at the
     top: the owners import numpy and the actor code; learner.names is the torch-free list of the learner's names)."""
     from actors.data import BAD_LINE_POLICIES
+    from actors.speculative import VLLM_SPECULATIVE
     from actors.group import ENGINES
     from actors.raters import RATER_NAMES
     from actors.tasks import TASKS
@@ -406,7 +412,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from prefix_store.scoring import SCORERS
     from prefix_store.tree import BRANCH_ACTIONS
 
-    owned = {"task.name": TASKS, "task.on_bad_line": BAD_LINE_POLICIES, "rollout.engine": ENGINES,
+    owned = {"task.name": TASKS, "task.on_bad_line": BAD_LINE_POLICIES, "rollout.engine": ENGINES, "rollout.speculative": VLLM_SPECULATIVE,
              "rollout.weight_transport": TRANSPORTS, "store.scorer": SCORERS, "store.branch_action": BRANCH_ACTIONS,
              "learner.advantage": names.ADVANTAGES, "learner.kl_estimator": names.KL_ESTIMATORS,
              "learner.kl_mode": names.KL_MODES, "learner.dtype": names.DTYPES, "learner.lr_schedule": LR_SCHEDULES,

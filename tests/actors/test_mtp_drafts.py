@@ -35,3 +35,13 @@ def test_trie_shares_prefixes_and_respects_budget():
     assert t.parents == [-1, 0, 1, 1, -1]
     small = trie([[1, 2, 3], [1, 2, 4], [5]], max_nodes=3)
     assert small.tokens == [1, 2, 3] and small.parents == [-1, 0, 1]
+
+
+def test_vllm_speculative_kwargs():
+    from actors.speculative import vllm_speculative_kwargs
+
+    assert vllm_speculative_kwargs("none", 4) == {}
+    spec = vllm_speculative_kwargs("ngram", 3)["speculative_config"]
+    assert spec["method"] == "ngram" and spec["num_speculative_tokens"] == 3
+    with pytest.raises(ValueError, match="choose one of none, ngram"):
+        vllm_speculative_kwargs("suffix", 4)
