@@ -1,0 +1,306 @@
+"""Discovery with the policy frozen: what it costs to find verified successes, root-start vs prefix access.
+
+    .venv/bin/python -m bench.discovery --quick   # H in {4, 8, 10}, one seed, every mode; one JSON line
+    .venv/bin/python -m bench.discovery           # H in {4, 6, 8, 10, 12, 14}, three seeds
+    .venv/bin/python -m bench.discovery --report bench/results/discovery_quick.json   # the table only
+
+The seed paper's gap is in generator queries: with the policy fixed, how many
+samples does it take to see a success? Here no learner runs. One base model,
+built once at the largest horizon (`model.build_horizon`), serves every H (the
+reward counts the first H steps, so q is the same for every H). For each
+(H, mode, seed) the loop of a training run is kept, without the update: every
+round asks the store for branch points (a share `store.branch_fraction` of 16
+requests; root-start: none), fills the rest with fresh training prompts, samples
+4 continuations per request with the frozen engine, and inserts them into the
+store. It counts, until K in {1, 10, 100} distinct training prompts have a
+verified success (a sample from the prompt or from a stored prefix whose whole
+answer is right):
+
+  calls            sampled continuations (generator queries)
+  generated_tokens tokens those continuations generated
+  prefill_tokens   context tokens (prompt + stored prefix) of those continuations, counted once per
+                   continuation as the query model charges them (the engine's prefix cache shares some)
+
+A cell stops at K = 100 or at `--budget` generated tokens; the K it did not
+reach are right-censored and carry the analytic expectation from the exact
+root-start success p0 = mean over held-out prompts of prod_i pi(s_i | s_<i)
+(teacher forcing): about K / p0 calls (distinct prompts: at these p0 repeats
+are rare), times the measured tokens per call. Results are resumable: cells
+already in the results file are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from bench.gap import MODES
+
+KS = (1, 10, 100)
+PROMPTS, SAMPLES = 16, 4  # requests per round and continuations per request (the training defaults)
+TOKENS_PER_S = 2500  # rough vLLM CPU throughput on the tiny model, for the time estimate printed before the start
+
+
+def first_k(events: list[tuple[int, int, int, int]], ks=KS) -> dict:
+    """events: (calls, generated_tokens, prefill_tokens, distinct solved prompts) after each sample, in order.
+    -> {K: the counters at the first event with solved >= K, or None}."""
+    out = {k: None for k in ks}
+    for calls, gen, pre, solved in events:
+        for k in ks:
+            if out[k] is None and solved >= k:
+                out[k] = {"calls": calls, "generated_tokens": gen, "prefill_tokens": pre}
+    return out
+
+
+def analytic(k: int, p0: float, tokens_per_call: float) -> dict:
+    """Root-start expectation: K / p0 calls to K successes (distinct prompts), tokens at the measured rate."""
+    if p0 <= 0:  # no success is reachable in expectation: no finite estimate
+        return {"calls": None, "generated_tokens": None}
+    return {"calls": round(k / p0), "generated_tokens": round(k / p0 * tokens_per_call)}
+
+
+def exact_p0(model_dir: str, task, heldout: int = 512) -> dict:
+    """Teacher forcing on `heldout` held-out prompts: p0 = mean prod_i pi(s_i | s_<i), and the mean per-step q."""
+    import torch
+
+    from launch.base_model import load_model
+    from learner.exact_success import teacher_forced_logprob
+
+    model = load_model(model_dir)
+    prompts = task.heldout_prompts()[:heldout]
+    seqs = [task.teacher_forcing(d) for d in prompts]
+    ids = torch.tensor([s for s, _ in seqs])  # (B, L): chain sequences all have one length
+    first = torch.tensor([f for _, f in seqs])
+    with torch.no_grad():
+        logits = model(ids).logits
+        logp = teacher_forced_logprob(logits, ids, first, task.horizon)  # (B,)
+        steps = [teacher_forced_logprob(logits, ids, first + i, 1).exp().mean().item() for i in range(task.horizon)]
+    return {"p0": float(logp.exp().mean()), "q_mean": float(sum(steps) / len(steps)),
+            "q_per_step": [round(q, 4) for q in steps], "prompts": len(prompts)}
+
+
+def run_cell(group, task, store, *, mode: str, seed: int, budget: int, branch_fraction: float, log) -> dict:
+    """Rounds of PROMPTS requests x SAMPLES continuations, frozen policy, until K = max(KS) or `budget` tokens."""
+    from launch.trainer import make_requests, step_rng
+
+    calls = gen = pre = requests = rounds = successes = from_prefix = 0
+    solved: set[str] = set()
+    events, t0 = [], time.time()
+    # root-start rounds do not depend on one another: several go to the engine in one call (same samples, faster)
+    per_call = 16 if branch_fraction == 0 else 1
+    while len(solved) < max(KS) and gen < budget:
+        reqs = []
+        for _ in range(per_call):
+            bps = store.select(round(PROMPTS * branch_fraction)) if branch_fraction > 0 else []
+            reqs += make_requests(task, step_rng(seed, rounds), bps, prompts=PROMPTS, n=SAMPLES, step=rounds)
+            rounds += 1
+        rollouts = group.generate(reqs)
+        errors = group.pop_errors()
+        if branch_fraction > 0:
+            store.release([(e.root_id, e.branch_ref) for e in errors if e.branch_ref >= 0])
+            store.insert(rollouts)
+        requests += len(reqs)
+        for r in rollouts:
+            calls += 1
+            gen += len(r.token_ids)
+            pre += len(r.prompt_ids) + len(r.prefix_ids)
+            if r.reward > 0.5:
+                solved.add(r.root_id)
+                successes += 1
+                from_prefix += bool(r.prefix_ids)
+            events.append((calls, gen, pre, len(solved)))
+        if rounds % 160 < per_call:
+            log(f"[discovery]   {mode}: {rounds} rounds, {gen} tokens, {len(solved)} prompts solved")
+    return {"k": {str(k): v for k, v in first_k(events).items()}, "calls": calls, "generated_tokens": gen,
+            "prefill_tokens": pre, "requests": requests, "rounds": rounds, "solved": len(solved),
+            "successes": successes, "successes_from_prefix": from_prefix, "seconds": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="H in {4, 8, 10}, one seed")
+    ap.add_argument("--horizons", type=int, nargs="*")
+    ap.add_argument("--build-horizon", type=int, help="horizon of the one base model (default: the largest H)")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--modes", nargs="*", help=f"modes to run (default: all of {', '.join(MODES)})")
+    ap.add_argument("--budget", type=int, default=None, help="generated tokens per cell before it is censored")
+    ap.add_argument("--name", help="results file stem under bench/results (default: discovery or discovery_quick)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="no runs: print the table of these result files")
+    args = ap.parse_args(argv)
+    if args.report:
+        for path in args.report:
+            with open(path) as f:
+                print(table(json.load(f)))
+        return 0
+    horizons = args.horizons or ([4, 8, 10] if args.quick else [4, 6, 8, 10, 12, 14])
+    build_h = args.build_horizon or max(horizons)
+    seeds = range(args.seeds or (1 if args.quick else 3))
+    modes = args.modes or list(MODES)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or build_h < max(horizons):
+        ap.error(f"unknown modes {unknown}; known: {', '.join(MODES)}" if unknown else
+                 f"--build-horizon {build_h} must be >= the largest H {max(horizons)}")
+    budget = args.budget or (200_000 if args.quick else 3_000_000)
+    name = args.name or ("discovery_quick" if args.quick else "discovery")
+    path = os.path.join("bench", "results", f"{name}.json")
+    results = {"cells": []}
+    if os.path.isfile(path):  # resume: the cells already measured are kept, not redone
+        with open(path) as f:
+            results = json.load(f)
+    done = {(c["H"], c["mode"], c["seed"]) for c in results["cells"]}
+    plan = [(h, m, s) for h in horizons for m in modes for s in seeds if (h, m, s) not in done]
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"[discovery] {len(plan)} cells to run ({len(done)} in {path}); at most {len(plan) * budget / TOKENS_PER_S / 60:.0f} "
+        f"min at ~{TOKENS_PER_S} tokens/s (each cell stops at K={max(KS)} or {budget} tokens), plus ~2 min of start-up")
+
+    from actors.group import RolloutGroup
+    from actors.tasks import make_task
+    from bench.common import stamp, write_result
+    from bench.workers import BenchRolloutWorker, set_task
+    from launch.base_model import ensure_base_model
+    from launch.cluster import actor_env_vars, connect
+    from launch.config import load_config
+    from launch.trainer import model_vocab_size
+    from prefix_store.store import PrefixStore
+
+    common = ["wandb.mode=disabled", f"model.build_horizon={build_h}", "task.heldout_size=512"]
+    base = load_config("configs/default.yaml", common + [f"task.horizon={build_h}"])
+    model_dir = ensure_base_model(base.model, base.task, log=log)
+    with open(os.path.join(model_dir, "graftrl_base.json")) as f:
+        results["base_model"] = {k: v for k, v in json.load(f).items() if k in ("horizon", "measured_q", "target_q",
+                                                                                "teacher_forced_q", "heldout_root_success")}
+    results.setdefault("p0", {})
+    for h in horizons:
+        if str(h) not in results["p0"]:
+            cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}"])
+            results["p0"][str(h)] = exact_p0(model_dir, make_task(cfg.task))
+            log(f"[discovery] H={h}: exact p0 = {results['p0'][str(h)]['p0']:.3g} (mean step q "
+                f"{results['p0'][str(h)]['q_mean']:.3f})")
+    results.update(KS=list(KS), prompts_per_round=PROMPTS, samples_per_request=SAMPLES, budget_tokens=budget,
+                   build_horizon=build_h, model_dir=model_dir)
+    if plan:
+        connect(base.ray)
+        group = RolloutGroup(model_dir=model_dir, rollout_cfg=base.rollout, task_cfg=base.task, seed=0,
+                             env_vars=actor_env_vars(base.rollout.kv_cache_gib), worker_cls=BenchRolloutWorker)
+        try:
+            for i, (h, mode, seed) in enumerate(plan):
+                cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *MODES[mode]])
+                set_task(group, cfg.task)
+                task = make_task(cfg.task)
+                store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=seed, remote=False)
+                log(f"[discovery] cell {i + 1}/{len(plan)}: H={h} {mode} seed={seed}")
+                cell = run_cell(group, task, store, mode=mode, seed=seed, budget=budget,
+                                branch_fraction=cfg.store.branch_fraction, log=log)
+                per_call = cell["generated_tokens"] / max(1, cell["calls"])
+                p0 = results["p0"][str(h)]["p0"]
+                for k in KS:
+                    if cell["k"][str(k)] is None:  # right-censored at the budget
+                        cell["k"][str(k)] = {"censored": True, "expected_root_start": analytic(k, p0, per_call)}
+                cell["expected_root_start"] = {str(k): analytic(k, p0, per_call) for k in KS}
+                results["cells"].append({"H": h, "mode": mode, "seed": seed, **cell})
+                log(f"[discovery]   {json.dumps(cell['k'])} ({cell['seconds']} s)")
+                write_result(name, {**results, "partial": f"{len(results['cells'])} cells"})
+        finally:
+            group.shutdown()
+            import ray
+
+            ray.shutdown()
+    results.pop("partial", None)
+    results["summary"] = summary(results)
+    results.update(stamp())
+    write_result(name, results)
+    plot(results, os.path.join("bench", "results", f"{name}.png"))
+    print(json.dumps(results["summary"]))
+    return 0
+
+
+def _tokens(cell: dict, k: int):
+    v = cell["k"][str(k)]
+    return None if v.get("censored") else v["generated_tokens"]
+
+
+def summary(results: dict) -> dict:
+    """{"H": {H: {mode: {discovery_tokens_k<K>: median over seeds or None (censored), ..._estimate}}}, "budget_tokens"}."""
+    import statistics
+
+    out: dict = {}
+    for c in results["cells"]:
+        out.setdefault(str(c["H"]), {}).setdefault(c["mode"], []).append(c)
+    summ = {"H": {}, "budget_tokens": results["budget_tokens"]}
+    for h, modes in out.items():
+        summ["H"][h] = {}
+        for mode, cells in modes.items():
+            row = {}
+            for k in KS:
+                xs = [_tokens(c, k) for c in cells]
+                row[f"discovery_tokens_k{k}"] = None if any(x is None for x in xs) else statistics.median(xs)
+                if row[f"discovery_tokens_k{k}"] is None:
+                    row[f"discovery_tokens_k{k}_estimate"] = statistics.median(
+                        c["expected_root_start"][str(k)]["generated_tokens"] for c in cells)
+            summ["H"][h][mode] = row
+    return summ
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per (H, mode), generated tokens / calls / prefill tokens to K, and the ratio to root-start."""
+    def fmt(x):
+        return "-" if x is None else f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}K" if x >= 1e3 else str(round(x))
+
+    lines = ["| H | p0 (exact) | mode | " + " | ".join(f"K={k}: tokens (calls, prefill)" for k in KS) +
+             " | root-start / mode tokens at K=10 |", "|---|---|---|" + "---|" * len(KS) + "---|"]
+    cells = sorted(results["cells"], key=lambda c: (c["H"], list(MODES).index(c["mode"]) if c["mode"] in MODES else 99, c["seed"]))
+    root = {(c["H"], c["seed"]): c for c in cells if c["mode"] == "root_start"}
+    for c in cells:
+        parts = []
+        for k in KS:
+            v = c["k"][str(k)]
+            if v.get("censored"):
+                e = v["expected_root_start"]
+                parts.append(f"> {fmt(c['generated_tokens'])} (censored; K/p0: {fmt(e['generated_tokens'])})")
+            else:
+                parts.append(f"{fmt(v['generated_tokens'])} ({fmt(v['calls'])}, {fmt(v['prefill_tokens'])})")
+        r = root.get((c["H"], c["seed"]))
+        ratio = "-"
+        if r is not None and c["mode"] != "root_start" and not c["k"]["10"].get("censored"):
+            rv = r["k"]["10"]
+            rt = rv["expected_root_start"]["generated_tokens"] if rv.get("censored") else rv["generated_tokens"]
+            if rt is not None:
+                ratio = f"{rt / c['k']['10']['generated_tokens']:.1f}x" + (" (root censored: K/p0)" if rv.get("censored") else "")
+        lines.append(f"| {c['H']} | {results['p0'][str(c['H'])]['p0']:.2e} | {c['mode']} | " + " | ".join(parts) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Generated tokens to K=10 solved prompts against H, log scale, one line per mode; censored cells as open
+    markers at their K/p0 expectation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    modes = [m for m in MODES if any(c["mode"] == m for c in results["cells"])]
+    for j, mode in enumerate(modes):
+        pts = sorted((c["H"], _tokens(c, 10), c["k"]["10"]) for c in results["cells"] if c["mode"] == mode)
+        ax.plot([h for h, t, _ in pts if t is not None], [t for _, t, _ in pts if t is not None], marker="o",
+                color=f"C{j}", label=mode)
+        cens = [(h, v["expected_root_start"]["generated_tokens"]) for h, t, v in pts
+                if t is None and v["expected_root_start"]["generated_tokens"] is not None]
+        if cens:
+            ax.scatter(*zip(*cens), marker="o", facecolors="none", edgecolors=f"C{j}", label=f"{mode}: censored (K/p0)")
+    ax.set_yscale("log")
+    ax.set_xlabel("horizon H")
+    ax.set_ylabel("generated tokens until 10 prompts solved\n(policy frozen)", fontsize=8)
+    ax.set_title(f"{results.get('date', '')} {results.get('commit', '')}", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
