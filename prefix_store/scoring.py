@@ -8,6 +8,9 @@ The seed paper's hard instance warns that the model can be *most* uncertain
 exactly where it is lost (after a wrong turn the distribution is near
 uniform), so token-level uncertainty is not assumed to pay off; the random
 scorer is the control against which the others are measured.
+
+A scorer may give -inf to positions it never wants handed out (the store skips
+them; `frontier` does, to hand out at most one position per root).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from prefix_store.frontier import score_frontier
 from protocol.registry import lookup
 
 
@@ -43,6 +47,10 @@ class Candidates:
     """ReBalance confidence variance v_s = (c_s - c_{s-1})^2 / 4."""
     path_surprise: np.ndarray = None  # type: ignore[assignment]
     """max over the earlier positions u < t of the same path of surprise_u = max_a log pi(a | y_<u) - log pi(y_u | y_<u)."""
+    root: np.ndarray = None  # type: ignore[assignment]
+    """Index of the root (prompt) whose tree holds the position."""
+    depth: np.ndarray = None  # type: ignore[assignment]
+    """t: continuation tokens before the position (0 = the first token after the prompt)."""
 
 
 def score_entropy(c: Candidates, rng: np.random.Generator) -> np.ndarray:
@@ -110,6 +118,7 @@ SCORERS: dict[str, Scorer] = {
     "confidence_variance": score_confidence_variance,
     "outcome_uncertainty": score_outcome_uncertainty,
     "random": score_random,
+    "frontier": score_frontier,  # prefix_store/frontier.py: per root its deepest first surprise, -inf elsewhere
     "combined": None,  # type: ignore[dict-item]  # built by get_scorer from weights
 }
 
@@ -120,7 +129,7 @@ def combined_scorer(weights: dict[str, float]) -> Scorer:
     Standardising first puts scorers with different units (nats, probabilities,
     variances) on one scale, so the weights say how much each one counts.
     """
-    unknown = [n for n in weights if n not in SCORERS or n == "combined"]
+    unknown = [n for n in weights if n not in SCORERS or n in ("combined", "frontier")]  # frontier: -inf, no z-score
     if unknown or not weights:
         raise ValueError(f"combined scorer weights {dict(weights)} must name scorers among "
                          f"{', '.join(n for n in SCORERS if n != 'combined')}")

@@ -131,6 +131,13 @@ class PoolCandidates:
     step_var = property(lambda self: self._col("step_var"))
     visits = property(lambda self: self._c["visits"][self._p["stats_node"][: self._n]].astype(np.float32))
     reward_sum = property(lambda self: self._c["reward_sum"][self._p["stats_node"][: self._n]].astype(np.float32))
+    root = property(lambda self: self._c["root"][self._p["owner"][: self._n]])
+
+    @property
+    def depth(self) -> np.ndarray:
+        """(n,) continuation position of each row: its node's start plus the row's offset inside the node's edge."""
+        owner = self._p["owner"][: self._n]
+        return (self._c["start"][owner] + np.arange(self._n) - self._c["off"][owner]).astype(np.int64)
 
     @property
     def path_surprise(self) -> np.ndarray:
@@ -426,7 +433,7 @@ class PrefixShard:
         out, seen = [], set()
         for t in top:
             t = int(t)
-            if not avail[t]:
+            if not avail[t] or scores[t] == -np.inf:  # -inf: the scorer never hands this position out
                 continue
             owner = int(p["owner"][t])
             first_of_edge = t == int(c["off"][owner])

@@ -60,8 +60,8 @@ def test_every_scorer_selects_positions_inside_long_reasoning_text():
     rng = np.random.default_rng(1)
     rollouts = [reasoning_rollout(rng, i, f"q{i % 8}") for i in range(24)]
     for name in SCORERS:
-        if name == "combined":
-            continue
+        if name in ("combined", "frontier"):  # frontier: these paths are all surprised at their first token, so each
+            continue                          # root's frontier is the root itself (tests/prefix_store/test_frontier.py)
         shard = make_shard(name)
         shard.insert(rollouts)
         picked = shard.select(8)
