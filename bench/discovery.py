@@ -37,7 +37,10 @@ import os
 import sys
 import time
 
-from bench.gap import MODES
+from bench.gap import MODES as GAP_MODES
+
+MODES = {**GAP_MODES,  # the gap benchmark's modes, and the seed paper's frontier rule (prefix_store/frontier.py)
+         "prefix_frontier": ["store.branch_fraction=0.5", "store.scorer=frontier", "store.branch_action=resample"]}
 
 KS = (1, 10, 100)
 PROMPTS, SAMPLES = 16, 4  # requests per round and continuations per request (the training defaults)
