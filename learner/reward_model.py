@@ -2,8 +2,9 @@
 
     p(Y > Y' | X) = sigmoid(r(X, Y) - r(X, Y'))                                    (Bradley-Terry)
 
-r reads the backbone's last-layer embedding e = phi(X, Y) (the final hidden state at the sequence's last token;
-the backbone is the policy's own architecture, initialised from the base model). On top of e sit
+r reads the backbone's last-layer embedding e = phi(X, Y) (the final hidden state at the sequence's last token,
+layer-normalised without parameters; the backbone is the policy's own architecture, initialised from the base
+model). On top of e sit
 
     point head    r(e)            = w . e + b                                        trained, with the backbone
     K particles   r_k(e)          = sg[r(e)] + s * prior_k(sg[e]) + diff_k(sg[e])     k = 1..K
@@ -67,11 +68,15 @@ class RewardModel(nn.Module):
         return len(self.priors)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """e = the last layer's hidden state at each row's last real token.  (B, L) -> (B, d)."""
+        """e = layer_norm(h), h the last layer's hidden state at each row's last real token.  (B, L) -> (B, d).
+
+        The parameter-free layer norm puts e at unit scale whatever the backbone's final norm weights are, so the
+        priors' spread (and `prior_scale`) means the same thing on every backbone."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        h = getattr(out, "last_hidden_state", out)  # (B, L, d)
+        h = getattr(out, "last_hidden_state", out).float()  # (B, L, d)
         last = attention_mask.long().sum(1) - 1  # (B,) rows are right-padded
-        return h[torch.arange(h.size(0), device=h.device), last].float()
+        e = h[torch.arange(h.size(0), device=h.device), last]  # (B, d)
+        return F.layer_norm(e, (e.size(-1),))
 
     def heads(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(point rewards (B,), particle rewards (B, K)); the particles see e and the point reward detached."""
