@@ -261,8 +261,13 @@ def ensure_base_model(model_cfg, task_cfg, log=print) -> str:
     task_cfg = build_task_cfg(model_cfg, task_cfg)  # model.build_horizon: the base model of a longer chain
     out_dir = base_model_dir(model_cfg, task_cfg)
     if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
+        import fcntl
+
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        train_base_model(model_cfg, task_cfg, out_dir, log=log)
+        with open(f"{out_dir}.lock", "w") as lock:  # runs started together build it once: the others wait, then reuse it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(os.path.join(out_dir, REPORT_FILE)):
+                train_base_model(model_cfg, task_cfg, out_dir, log=log)
     return out_dir
 
 

@@ -12,3 +12,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): a module's tests stay on one worker, so
+    its module-scoped run starts once; the modules that load the real model into an engine or a learner
+    (`real_model` mark) share one group, so no two of them hold ~10 GB at the same time."""
+    import pytest
+
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        heavy = item.get_closest_marker("real_model") is not None
+        item.add_marker(pytest.mark.xdist_group("real_model" if heavy else item.nodeid.split("::")[0]))

@@ -148,6 +148,7 @@ def test_reasoning_gym_task_on_the_real_tokenizer(smollm2_tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_vllm_matches_transformers(smollm2_dir, smollm2_tokenizer):
     """vLLM (CPU, float32, eager) and transformers agree on the prompt logprobs of a fixed sequence (measured
     5.6e-5), and greedy text is English that mentions the numbers."""
