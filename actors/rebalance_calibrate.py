@@ -84,12 +84,14 @@ def calibrate(model_dir: str, *, problems: int, generator: str, seed: int, max_n
         f"{time.perf_counter() - t0:.0f} s")
     table = step_table(tokenizer, step_rule)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     num_layers = model.config.num_hidden_layers
-    layers = list(range(1, num_layers)) if layer is None else [layer]
+    layers = list(range(2, num_layers, 3)) if layer is None else [layer]  # every third layer: the R^2 scan
     feats: dict[int, list] = {k: [] for k in layers}
     conf, refl, step_conf = [], [], []
-    for (prompt, _), comp in zip(items, completions):
+    t0 = time.perf_counter()
+    for i, ((prompt, _), comp) in enumerate(zip(items, completions)):
+        if i % 25 == 0:
+            log(f"[rebalance] hidden states of completion {i}/{len(completions)} ({time.perf_counter() - t0:.0f} s)")
         if len(comp) < 2:
             continue
         hidden, max_probs = step_hidden(model, prompt, comp, layers)

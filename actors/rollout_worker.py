@@ -119,9 +119,12 @@ def engine_kwargs(model_dir: str, rollout_cfg, seed: int) -> dict:
     from actors.speculative import vllm_speculative_kwargs
     from actors.weight_transport import engine_transfer_kwargs
 
+    steering = getattr(rollout_cfg, "steering", "none") == "rebalance"  # ReBalance hooks: actors/rebalance_vllm.py
     return dict(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
                 gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True, seed=seed,
-                worker_extension_cls="actors.weight_receiver.WeightReceiver",
+                worker_extension_cls=("actors.rebalance_vllm.SteeredWeightReceiver" if steering
+                                      else "actors.weight_receiver.WeightReceiver"),
+                **({"async_scheduling": False} if steering else {}),
                 **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}),
                 **engine_transfer_kwargs(getattr(rollout_cfg, "weight_transport", "object_store")),
                 **vllm_speculative_kwargs(getattr(rollout_cfg, "speculative", "none"),
@@ -284,6 +287,8 @@ class RolloutWorker(WorkerBase):
         from vllm import LLM
 
         self.llm = LLM(**engine_kwargs(model_dir, rollout_cfg, seed))
+        if getattr(rollout_cfg, "steering", "none") == "rebalance":  # every generate (rollouts, eval) is steered
+            self.llm.collective_rpc("rebalance_setup", args=(os.path.expanduser(rollout_cfg.steering_path),))
         self.transferring = False
         """Between `transfer_start` and `transfer_finish` (a vLLM weight transfer): the model is half loaded."""
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()

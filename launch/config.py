@@ -144,6 +144,13 @@ class RolloutConfig:
     actor_lost_after_s: float = 600.0
     """A dead actor that has not taken the current weights this long after it died is given up (Ray is out of
     restarts for it, or its engine cannot start): the run goes on without it, or stops with one line if none is left."""
+    steering: str = "none"
+    """Activation steering of every generation of the rollout engines (training rollouts and evaluation), one of
+    actors.rebalance.STEERING: `none`, or `rebalance` (ReBalance, arXiv 2603.12372: h += alpha(c, v) * S at one
+    layer at each step end; needs `steering_path`, `engine=sync`, `enforce_eager`). See docs/REBALANCE.md."""
+    steering_path: Optional[str] = None
+    """`steering=rebalance`: the calibration file of this model (S, layer, schedule), written by
+    `python -m actors.rebalance_calibrate --out <path>`."""
 
 
 @dataclass
@@ -404,6 +411,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from actors.data import BAD_LINE_POLICIES
     from actors.speculative import VLLM_SPECULATIVE
     from actors.group import ENGINES
+    from actors.rebalance import STEERING
     from actors.raters import RATER_NAMES
     from actors.tasks import TASKS
     from actors.weight_transport import TRANSPORTS
@@ -413,6 +421,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from prefix_store.tree import BRANCH_ACTIONS
 
     owned = {"task.name": TASKS, "task.on_bad_line": BAD_LINE_POLICIES, "rollout.engine": ENGINES, "rollout.speculative": VLLM_SPECULATIVE,
+             "rollout.steering": STEERING,
              "rollout.weight_transport": TRANSPORTS, "store.scorer": SCORERS, "store.branch_action": BRANCH_ACTIONS,
              "learner.advantage": names.ADVANTAGES, "learner.kl_estimator": names.KL_ESTIMATORS,
              "learner.kl_mode": names.KL_MODES, "learner.dtype": names.DTYPES, "learner.lr_schedule": LR_SCHEDULES,
@@ -440,6 +449,7 @@ def _validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers; use names of "
                           f"{', '.join(n for n in SCORERS if n != 'combined')}")
+    _validate_steering(cfg.rollout)
     if cfg.run_name is not None and not _RUN_NAME.fullmatch(cfg.run_name):
         raise ConfigError(f"run_name={cfg.run_name!r} must be a folder name (letters, digits, _ . = + , -; not starting "
                           "with a dot, no /)")
@@ -475,6 +485,23 @@ def _validate_preference(cfg: DictConfig) -> None:
     if cfg.train.samples_per_request < 2:
         raise ConfigError(f"learner.signal=preference compares responses to one prompt: train.samples_per_request="
                           f"{cfg.train.samples_per_request} must be >= 2")
+
+
+def _validate_steering(r: DictConfig) -> None:
+    from actors.rebalance import check_calibration_file
+
+    if r.steering == "none":
+        return
+    try:
+        check_calibration_file(r.steering_path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if r.engine != "sync":
+        raise ConfigError(f"rollout.steering={r.steering} runs in the sync engine only; set rollout.engine=sync "
+                          f"(got {r.engine})")
+    if not r.enforce_eager:
+        raise ConfigError(f"rollout.steering={r.steering} hooks the model's layers, which a compiled model skips; "
+                          "set rollout.enforce_eager=true")
 
 
 def _validate_model(cfg: DictConfig) -> None:

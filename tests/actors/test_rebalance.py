@@ -125,3 +125,30 @@ def test_calibration_file_round_trip(tmp_path):
     assert np.array_equal(back.vector, cal.vector)
     assert Calibration.load(path, scale=0.0).schedule.scale == 0.0
     assert math.isclose(float(back.schedule(0.3, 0.05)), -2.0)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["rollout.steering=rebalance"], "needs rollout.steering_path"),
+    (["rollout.steering=rebalance", "rollout.steering_path=/nope.safetensors"], "does not exist"),
+    (["rollout.steering=sideways"], "choose one of none, rebalance"),
+])
+def test_config_switch_is_validated(overrides, needle):
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+
+
+def test_config_switch_picks_the_steering_extension(tmp_path):
+    from actors.rollout_worker import engine_kwargs
+    from launch.config import ConfigError, load_config
+
+    path = tmp_path / "cal.safetensors"
+    Calibration(vector=np.zeros(4, np.float32), layer=1, schedule=SCHED).save(str(path))
+    cfg = load_config(None, ["rollout.steering=rebalance", f"rollout.steering_path={path}"])
+    kw = engine_kwargs("m", cfg.rollout, seed=0)
+    assert kw["worker_extension_cls"] == "actors.rebalance_vllm.SteeredWeightReceiver"
+    assert kw["async_scheduling"] is False
+    assert engine_kwargs("m", load_config(None, []).rollout, 0)["worker_extension_cls"].endswith("WeightReceiver")
+    with pytest.raises(ConfigError, match="rollout.engine=sync"):
+        load_config(None, ["rollout.steering=rebalance", f"rollout.steering_path={path}", "rollout.engine=async"])
