@@ -52,6 +52,7 @@ def sample(model_dir: str, prompt_ids: list[list[int]], *, max_new_tokens: int, 
     llm = LLM(**engine_kwargs(model_dir, RolloutConfig(), seed))
     params = SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_new_tokens, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+    llm.llm_engine.engine_core.shutdown()  # its processes would otherwise compete with the HF pass for the cores
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -111,6 +111,7 @@ class RebalanceSteering:
         from actors.rebalance import StepTracker
 
         rb, runner = self._rb, self.model_runner
+        rb["rows"], rb["alphas"] = [], []
         batch = runner.input_batch
         n = batch.num_reqs
         starts = runner.query_start_loc.np[: n + 1]

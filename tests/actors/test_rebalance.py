@@ -152,3 +152,61 @@ def test_config_switch_picks_the_steering_extension(tmp_path):
     assert engine_kwargs("m", load_config(None, []).rollout, 0)["worker_extension_cls"].endswith("WeightReceiver")
     with pytest.raises(ConfigError, match="rollout.engine=sync"):
         load_config(None, ["rollout.steering=rebalance", f"rollout.steering_path={path}", "rollout.engine=async"])
+
+
+def test_vllm_hooks_map_the_flat_batch_to_requests():
+    """The worker extension's bookkeeping on a fake model runner: two requests scheduled together, one still in
+    prefill while the other decodes, steered at the rows and with the alphas of a per-request replay."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from actors.rebalance_vllm import RebalanceSteering
+
+    table = StepTable.from_texts(TEXTS)
+    ext = RebalanceSteering()
+    batch = SimpleNamespace(num_reqs=0, req_ids=[], num_computed_tokens_cpu=np.zeros(4, int),
+                            num_prompt_tokens=np.zeros(4, int))
+    runner = SimpleNamespace(input_batch=batch, query_start_loc=SimpleNamespace(np=np.zeros(5, int)))
+    ext.model_runner = runner
+    ext._rb = {"states": {}, "rows": [], "alphas": [], "log": [], "record": True, "enabled": True,
+               "table": table, "cal": SimpleNamespace(schedule=SCHED)}
+    prompts = {"a": [1, 4, 1], "b": [4, 4, 4, 4, 1]}
+    gen = {"a": [0, 3, 4, 2, 2, 0, 5, 0], "b": [0, 0, 3, 4, 4, 5, 0, 3]}
+    probs = {r: list(np.linspace(0.3, 0.99, len(g))) for r, g in gen.items()}
+    done = {"a": 0, "b": 0}  # tokens of each request computed so far
+    starts = {"a": 0, "b": 3}  # b arrives while a is in its 3rd step: b's prompt is scheduled in two chunks
+    seen = {"a": {}, "b": {}}
+    for step in range(12):
+        reqs, chunks = [], []
+        for r in ("a", "b"):
+            seq = prompts[r] + gen[r]
+            if step < starts[r] or done[r] >= len(seq) - 1:
+                continue
+            n = 3 if done[r] < len(prompts[r]) else 1  # prefill chunks of up to 3 tokens, then one token
+            n = min(n, len(prompts[r]) - done[r]) if done[r] < len(prompts[r]) else 1
+            reqs.append(r)
+            chunks.append(seq[done[r]:done[r] + n])
+        if not reqs:
+            break
+        batch.num_reqs, batch.req_ids = len(reqs), reqs
+        for i, r in enumerate(reqs):
+            batch.num_computed_tokens_cpu[i], batch.num_prompt_tokens[i] = done[r], len(prompts[r])
+        runner.query_start_loc.np = np.concatenate([[0], np.cumsum([len(c) for c in chunks])])
+        ext._rb_plan(torch.tensor([t for c in chunks for t in c]))
+        for row, alpha in zip(ext._rb["rows"], ext._rb["alphas"]):
+            i = int(np.searchsorted(runner.query_start_loc.np, row, side="right")) - 1
+            seen[reqs[i]][done[reqs[i]] - len(prompts[reqs[i]])] = alpha
+        logits = torch.zeros(len(reqs), 8)
+        for i, r in enumerate(reqs):
+            done[r] += len(chunks[i])
+            k = done[r] - len(prompts[r])  # index of the token these logits will sample
+            if k >= 0:
+                p = probs[r][k]
+                logits[i] = torch.log(torch.tensor([p] + [(1 - p) / 7] * 7))
+        ext._rb_keep_max_probs(logits)
+    for r in ("a", "b"):
+        want = replay(gen[r], probs[r], table, SCHED, first_prev=prompts[r][-1])
+        assert seen[r].keys() == want.keys() and want
+        assert [seen[r][t] for t in want] == pytest.approx([want[t] for t in want], abs=1e-6)
+    assert {req for req, *_ in ext._rb["log"]} == {"a", "b"}

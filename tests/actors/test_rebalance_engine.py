@@ -50,6 +50,7 @@ def engine_runs():
     log = llm.collective_rpc("rebalance_log")[0]
     llm.collective_rpc("rebalance_disable")
     off = run()
+    llm.llm_engine.engine_core.shutdown()  # free the cores for the HF reference
     del llm
     return dict(tok=tok, prompts=items, plain=plain, zero=zero, zero_log=zero_log, steered=steered, log=log, off=off)
 
