@@ -72,8 +72,10 @@ def worker_class(engine: str):
 
 class RolloutGroup:
     def __init__(self, *, model_dir: str, rollout_cfg, task_cfg, seed: int, env_vars: dict[str, str] | None = None,
-                 worker_cls=None):
-        """worker_cls: the actor class (default: `worker_class(rollout_cfg.engine)`; benchmarks pass a subclass)."""
+                 worker_cls=None, wait: bool = True):
+        """worker_cls: the actor class (default: `worker_class(rollout_cfg.engine)`; benchmarks pass a subclass).
+        wait=False returns as soon as the actors are created (their engines start in the background): the caller
+        starts other components meanwhile and calls `wait_started()` before the first request."""
         import ray
 
         self.cfg = rollout_cfg
@@ -103,7 +105,8 @@ class RolloutGroup:
         death); never routed to again."""
         self._init_fault_state()
         self._init_weight_state()
-        self._wait_started()
+        if wait:
+            self.wait_started()
 
     def _init_fault_state(self) -> None:
         """What the fault handling keeps besides `_syncing`, `_down_since` and `lost` (tests without actors call it)."""
@@ -184,16 +187,25 @@ class RolloutGroup:
         return {"prompt_tokens": q, "cached_tokens": h, "hit_rate": h / q if q else 0.0}
 
     # ----- weights -------------------------------------------------------------------------------------------------
-    def sync_weights(self, learner, version: int) -> None:
+    def sync_weights(self, learner, version: int, payload=None) -> None:
         """Push `learner`'s (a `LearnerGroup`) current weights to every actor by `rollout.weight_transport`; they
-        serve as policy `version` afterwards. object_store: `update_weights(learner.async_weights(zero_copy=True),
-        version)`; nccl / ipc: vLLM's weight-transfer engines (`actors.weight_sync.WeightSync`)."""
+        serve as policy `version` afterwards. object_store: `update_weights(payload, version)`, payload the weights
+        the learner exported with its update or else `learner.async_weights(zero_copy=True)`; nccl / ipc: vLLM's
+        weight-transfer engines (`actors.weight_sync.WeightSync`)."""
+        self._weight_sync_for(learner).push(version, payload)
+
+    def takes_exported_weights(self, learner) -> bool:
+        """Whether the next push goes through the object store, so the learner should export its weights with the
+        update (`LearnerGroup.train_step_and_export`) and hand them to `sync_weights`."""
+        return self._weight_sync_for(learner).by_object_store
+
+    def _weight_sync_for(self, learner):
         from actors.weight_sync import WeightSync
 
         if self._weight_sync is None or self._weight_sync.learner is not learner:
             self._weight_sync = WeightSync(self, learner, getattr(self.cfg, "weight_transport", "object_store"),
                                            getattr(self.cfg, "weight_bucket_mb", 256))
-        self._weight_sync.push(version)
+        return self._weight_sync
 
     @contextlib.contextmanager
     def pushing(self):
@@ -383,7 +395,7 @@ class RolloutGroup:
             pass
         return f"out of restarts: rollout.max_restarts={self.cfg.max_restarts}"
 
-    def _wait_started(self) -> None:
+    def wait_started(self) -> None:
         """Wait until every engine is up. An actor killed while its engine starts is restarted by Ray: wait for it
         (bounded like any dead actor); one Ray will not restart is given up (the others go on)."""
         import ray

@@ -109,8 +109,14 @@ class WeightSync:
         """A rollout actor restarted after the transfer group was built: every push goes by the object store."""
         self._restarts = 0
 
-    def push(self, version: int) -> None:
-        """The learner's current weights into every rollout engine, which then serve as policy `version`."""
+    @property
+    def by_object_store(self) -> bool:
+        """Pushes go through the object store (`object_store`, or a vLLM transport that fell back)."""
+        return self.transport.vllm_backend is None or self.fell_back
+
+    def push(self, version: int, payload=None) -> None:
+        """The learner's current weights into every rollout engine, which then serve as policy `version`.
+        payload: the weights already exported (`LearnerGroup.train_step_and_export`), used by an object-store push."""
         if self.transport.vllm_backend is not None and not self.fell_back:
             with self.rollout.pushing():
                 if self.initialised and self.rollout.restarts_seen != self._restarts:
@@ -123,7 +129,8 @@ class WeightSync:
                     self.learner.send_weights(version)
                     self.rollout.transferred(version, lambda: self.learner.async_weights(zero_copy=True))
                     return
-        self.rollout.update_weights(self.learner.async_weights(zero_copy=True), version)
+        self.rollout.update_weights(payload if payload is not None else self.learner.async_weights(zero_copy=True),
+                                    version)
 
     def _init(self) -> None:
         """Once, before the first push: the transfer group over the live actors (vLLM's trainer_init)."""

@@ -224,10 +224,14 @@ def start_components(cfg: Config, log) -> Components:
     env = actor_env_vars(cfg.rollout.kv_cache_gib)
     task = make_task(cfg.task, tokenizer_dir=model_dir)
     log(f"[graftrl] ray: {where}; starting rollout actors, prefix store, learner (model {model_dir})")
-    rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=tc.seed, env_vars=env)
+    # The engines start in the background while the store and the learner start (each is mostly single-threaded
+    # imports and initialisation in its own process).
+    rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=cfg.rollout, task_cfg=cfg.task, seed=tc.seed, env_vars=env,
+                           wait=False)
     store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=tc.seed)
     learner = LearnerGroup(model_dir=model_dir, learner_cfg=cfg.learner, seed=tc.seed,
                            micro_batch_size=tc.prompts_per_step * tc.samples_per_request, env_vars=env)
+    rollout.wait_started()
     reward_model = None
     if cfg.learner.signal == "preference":
         from learner.rm_worker import RewardModelClient
@@ -347,9 +351,18 @@ class Trainer:
         values = self.comp.store.soft_values(rollouts) if lc.advantage == "soft_value" else None
         return build_train_batch(rollouts, advantage=lc.advantage, nudge=lc.nudge, values=values, rewards=rewards)
 
-    def push_weights(self) -> None:
-        """By rollout.weight_transport: the object store (CPU and GPU) or vLLM's weight-transfer engines (GPU)."""
-        self.comp.rollout.sync_weights(self.comp.learner, self.version)
+    def update(self, batch):
+        """One learner update; (metrics, the new weights when the push goes by the object store, exported in the same
+        call to the learner, else None)."""
+        rollout, learner = self.comp.rollout, self.comp.learner
+        if rollout.takes_exported_weights(learner):
+            return learner.train_step_and_export(batch)
+        return learner.train_step(batch), None
+
+    def push_weights(self, weights=None) -> None:
+        """By rollout.weight_transport: the object store (CPU and GPU; `weights` from `update`) or vLLM's
+        weight-transfer engines (GPU)."""
+        self.comp.rollout.sync_weights(self.comp.learner, self.version, weights)
 
     def train_step(self) -> dict:
         """One update: select -> generate -> insert -> (prefetch) -> drop stale -> build batch -> update -> push."""
@@ -381,7 +394,7 @@ class Trainer:
         behind = [self.version - r.policy_version for r in gen.rollouts]
         self.version = int(metrics.get("learner/version", self.version))
         with t("push_weights"):
-            self.push_weights()
+            self.push_weights(weights)
         with t("store_wait"):
             store_stats = stored.result()
         self.step = step + 1

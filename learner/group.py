@@ -71,11 +71,15 @@ class LearnerGroup:
     def _get(self, method: str, *args, **kwargs):
         if self.local is not None:
             return self._all(method, *args, **kwargs)
+        first, refs = self._all(method, *args, **kwargs)
+        return self._wait(method, first, refs)
+
+    def _wait(self, method: str, first, refs: list):
+        """rank 0's result `first` once every rank's `refs` is done; LearnerDied naming the rank that died."""
         import ray
 
         from ray.exceptions import RayActorError
 
-        first, refs = self._all(method, *args, **kwargs)
         # Results as they come, not in rank order: when rank r > 0 dies, rank 0's collective fails (or hangs) first,
         # and the dead rank, not the collective's error, is what the driver must report.
         pending, failure = list(refs), None
@@ -100,6 +104,24 @@ class LearnerGroup:
 
             batch = ray.put(batch)  # one copy in the object store, shared by all ranks
         return self._get("train_step", batch)
+
+    def train_step_and_export(self, batch: TrainBatch):
+        """`train_step`, and the updated weights exported in the same call: (metrics, ref of `weights_packed`).
+
+        What an object-store push needs, without the two more round trips to the ranks that `async_weights` takes
+        after a separate `train_step` (an export call, then a liveness check). The metrics are waited for like any
+        collective, so a rank that died raises LearnerDied before the engines read the weights."""
+        if self.local is not None:
+            metrics, data = self.local.train_step_and_export(batch)
+            import ray
+
+            return metrics, ray.put(data) if ray.is_initialized() else data
+        import ray
+
+        batch = ray.put(batch)
+        pairs = [a.call.options(num_returns=2).remote("train_step_and_export", batch) for a in self.actors]
+        metrics = self._wait("train_step_and_export", pairs[0][0], [m for m, _ in pairs])
+        return metrics, pairs[0][1]
 
     def async_weights(self, *, zero_copy: bool = False):
         """Object ref of the current weights as safetensors bytes (serialised once, shared by all actors).

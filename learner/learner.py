@@ -237,6 +237,11 @@ class Learner:
                 "learner/tokens": n_tokens, "learner/lr": float(self.scheduler.get_last_lr()[0]),
                 "learner/compute_s": time.perf_counter() - t0}
 
+    def train_step_and_export(self, batch: TrainBatch):
+        """(`train_step(batch)`, `weights_packed()`): the update and the weights it produced, in one call."""
+        metrics = self.train_step(batch)
+        return metrics, self.weights_packed()
+
     def _skip(self, counters: dict) -> dict[str, float]:
         self.skipped_steps += 1
         return {**counters, "learner/skipped_steps": self.skipped_steps}

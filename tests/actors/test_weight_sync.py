@@ -205,6 +205,10 @@ def test_object_store_push_is_the_drivers_old_call(pool):
     assert log.events == [("learner", "async_weights", True), ("rollout", "update_weights", "payload-ref", 1),
                           ("learner", "async_weights", True), ("rollout", "update_weights", "payload-ref", 2)]
     assert group._serving() is not group._push_lock  # generate calls do not wait on object-store pushes
+    # weights the learner exported with its update (Trainer.update) are pushed as they are: no export call
+    assert group.takes_exported_weights(learner)
+    group.sync_weights(learner, 3, "exported-ref")
+    assert log.events[4:] == [("rollout", "update_weights", "exported-ref", 3)]
 
 
 def test_nccl_push_order_on_both_sides(pool, nccl_stubs):
@@ -216,6 +220,7 @@ def test_nccl_push_order_on_both_sides(pool, nccl_stubs):
     learner = FakeLearnerGroup(log)
     attach(group, learner)
 
+    assert not group.takes_exported_weights(learner)  # the transfer engine reads the learner's weights itself
     group.sync_weights(learner, 1)
     # init once: the learner opens NCCL rank 0 of 1 + 1 + 2 ranks; each engine joins at its own rank offset
     assert log.events[0] == ("learner", "init_weight_transfer", "nccl", 4, 4 << 20)
@@ -298,6 +303,7 @@ def test_a_restarted_actor_is_resynced_by_object_store_and_pushes_fall_back(pool
     assert log.events[n_before:] == [("learner", "async_weights", True), ("rollout", "update_weights", "payload-ref", 2),
                                      ("learner", "async_weights", True), ("rollout", "update_weights", "payload-ref", 3)]
     assert len(warnings) == 1 and "object store from now on" in warnings[0]
+    assert group.takes_exported_weights(learner)  # from now on the learner exports with its update
 
 
 def test_generate_waits_for_a_vllm_transfer_push(pool):
