@@ -1,7 +1,8 @@
 """The rollout actor's process killed (SIGKILL) at several points of real `configs/smoke.yaml` runs.
 
 Run A (rollout.max_restarts=3): one run, three kills of its only rollout actor:
-  1. right after its engine started, while the learner starts (before runs/<id>/pids.json is written);
+  1. once the learner's process exists, while the run starts (the engine and the learner start together; before
+     runs/<id>/pids.json is written);
   2. during the weight push of step 2 (the actor's update_weights call is in flight);
   3. during the final weight check (its sequence_logprobs call is in flight).
 Each time Ray restarts the actor and the rollout group re-sends it the latest weights; the run ends with exit 0, the
@@ -110,8 +111,8 @@ def test_rollout_actor_killed_at_start_mid_push_and_in_the_final_check_run_recov
     t0 = time.time()
     overrides = [*COMMON, "rollout.max_restarts=3", f"store.snapshot_every={STEPS}"]
     with smoke_run(tmp_path, "a", overrides) as (proc, run_dir, log):
-        # 1. the engine is up (the learner, started after the rollout group, exists): kill the actor while the run
-        #    is still starting; pids.json must then name the restarted actor
+        # 1. the learner's process exists (the engine starts beside it): kill the actor while the run is still
+        #    starting; pids.json must then name the restarted actor
         wait_until(proc, log, "the learner process", lambda: titled(proc, "ray::_Rank"), timeout=600)
         pid1 = one_rollout_actor(proc, log)
         os.kill(pid1, signal.SIGKILL)
