@@ -49,19 +49,20 @@ def gsm_prompts(tok, n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def proposers(refs: list[list[int]] | None = None) -> dict:
+def proposers(refs: list[list[int]] | None = None, quick: bool = False) -> dict:
     from actors.drafts import SuffixDraft
     from actors.mtp import MaskProbe, Proposer
 
     out = {"plain": Proposer(), "mask_probe": MaskProbe(k=4, top_k=3, max_nodes=12),
-           "mask_probe_chain": MaskProbe(k=4, top_k=3, max_nodes=12, chain_probes=True),
            "mask_probe_small": MaskProbe(k=3, top_k=2, max_nodes=4), "prompt_lookup": SuffixDraft()}
+    if not quick:
+        out["mask_probe_chain"] = MaskProbe(k=4, top_k=3, max_nodes=12, chain_probes=True)
     if refs is not None:
         out["rollout_store"] = SuffixDraft(refs)
     return out
 
 
-def greedy_section(model, tok, prompts, max_new: int, store_samples: int) -> dict:
+def greedy_section(model, tok, prompts, max_new: int, store_samples: int, quick: bool = False) -> dict:
     import torch
 
     from actors.mtp import decode
@@ -72,7 +73,7 @@ def greedy_section(model, tok, prompts, max_new: int, store_samples: int) -> dic
         refs = [ids + decode(model, ids, max_new_tokens=max_new, temperature=1.0, generator=gen,
                              eos_token_id=tok.eos_token_id)[0] for _ in range(store_samples)]
         ref_out = None
-        for name, prop in proposers(refs).items():
+        for name, prop in proposers(refs, quick).items():
             out, st = decode(model, ids, max_new_tokens=max_new, proposer=prop, eos_token_id=tok.eos_token_id)
             ref_out = out if name == "plain" else ref_out
             r = rows.setdefault(name, {"tokens": [], "calls": [], "seconds": [], "same": [], "nodes": []})
@@ -202,7 +203,8 @@ def vllm_section(path: str, prompts, max_new: int, batch: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer prompts, tokens and samples (~10 min)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}; the "
+                    "others are kept from an earlier results file")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
@@ -223,10 +225,17 @@ def main(argv=None) -> int:
     name = "mtp_quick" if q else "mtp"
     result: dict = {"model": "SmolLM2-135M-Instruct (float32)", "task": "reasoning_gym gsm_symbolic", "quick": q,
                     "threads": torch.get_num_threads()}
+    earlier = f"bench/results/{name}.json"
+    if set(sections) != set(SECTIONS) and os.path.exists(earlier):  # a subset rerun keeps the other sections
+        with open(earlier) as f:
+            old = json.load(f)
+        result.update({k: old[k] for k in SECTIONS if k in old and k not in sections})
+        result["earlier_sections_from"] = {k: old.get("commit") for k in SECTIONS if k in old and k not in sections}
     if {"greedy", "lossless"} & set(sections):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         if "greedy" in sections:
-            result["greedy"] = greedy_section(model, tok, prompts, 64 if q else 192, 2 if q else 4)
+            result["greedy"] = greedy_section(model, tok, prompts[:2] if q else prompts, 64 if q else 192,
+                                              1 if q else 4, q)
             write_result(name, result)  # each section lands as soon as it is measured
         if "lossless" in sections:
             result["lossless"] = lossless_section(model, tok, prompts[0], 4 if q else 6, 400 if q else 2000,
