@@ -85,6 +85,74 @@ def exact_p0(model_dir: str, task, heldout: int = 512) -> dict:
             "q_per_step": [round(q, 4) for q in steps], "prompts": len(prompts)}
 
 
+class TorchGenerator:
+    """The frozen policy sampled with plain torch in this process (transformers' `generate`, temperature 1, the
+    full softmax), behind the rollout group's interface (`generate(requests) -> [Rollout]`, `pop_errors`):
+    the same per-token logprob, top-k entropy, top-1 and alternative a vLLM rollout actor records, no Ray or
+    vLLM. `--engine torch` (the tiny model is 345K parameters: a batched `generate` is as fast as the engine
+    here, and needs no engine start)."""
+
+    def __init__(self, model_dir: str, task, *, top_k: int, seed: int):
+        import torch
+
+        from launch.base_model import load_model
+
+        torch.manual_seed(seed)
+        self.torch, self.model, self.task, self.top_k = torch, load_model(model_dir), task, top_k
+
+    def set_task(self, task) -> None:
+        self.task = task
+
+    def pop_errors(self) -> list:
+        return []
+
+    def generate(self, requests) -> list:
+        from collections import defaultdict
+
+        from actors.tasks import EOS, PAD
+        from protocol.messages import Rollout
+        from protocol.uncertainty import entropy_from_topk
+
+        torch, out = self.torch, {}
+        groups = defaultdict(list)  # equal context lengths and budgets batch without padding
+        for i, req in enumerate(requests):
+            budget = max(1, self.task.max_new_tokens - len(req.prefix_ids))
+            groups[(len(req.prompt_ids) + len(req.prefix_ids), budget)].append(i)
+        for (length, budget), idx in groups.items():
+            ctx = torch.tensor([requests[i].prompt_ids + requests[i].prefix_ids for i in idx for _ in range(requests[i].n)])
+            with torch.no_grad():
+                g = self.model.generate(ctx, attention_mask=torch.ones_like(ctx), do_sample=True, top_k=0, top_p=1.0,
+                                        temperature=1.0, max_new_tokens=budget, output_logits=True,
+                                        return_dict_in_generate=True, eos_token_id=EOS, pad_token_id=PAD)
+            new = g.sequences[:, length:]  # (B, T)
+            logp = torch.log_softmax(torch.stack(g.logits, 1).float(), -1)  # (B, T, V)
+            topv, topi = logp.topk(self.top_k, -1)  # (B, T, k)
+            row = 0
+            for i in idx:
+                req, outs = requests[i], []
+                for _ in range(req.n):
+                    toks = new[row].tolist()
+                    n = toks.index(EOS) + 1 if EOS in toks else len(toks)
+                    toks = toks[:n]
+                    lps, ents, top1s, alts, alt_lps = [], [], [], [], []
+                    for t, tok in enumerate(toks):
+                        lps.append(float(logp[row, t, tok]))
+                        tv, ti = topv[row, t].tolist(), topi[row, t].tolist()
+                        ents.append(entropy_from_topk(tv))
+                        top1s.append(tv[0])
+                        alt = next(((lp, a) for lp, a in zip(tv, ti) if a != tok), (-1e9, -1))
+                        alts.append(alt[1])
+                        alt_lps.append(alt[0])
+                    outs.append(Rollout(request_id=req.request_id, root_id=req.root_id, prompt_ids=req.prompt_ids,
+                                        prefix_ids=req.prefix_ids, token_ids=toks, logprobs=lps, entropy=ents,
+                                        top1_logprobs=top1s, alt_token_ids=alts, alt_logprobs=alt_lps,
+                                        reward=self.task.reward(req.prompt_ids, req.prefix_ids + toks), policy_version=0,
+                                        actor_id=0, branch_ref=req.branch_ref, forced=req.forced))
+                    row += 1
+                out[i] = outs
+        return [r for i in range(len(requests)) for r in out[i]]
+
+
 def run_cell(group, task, store, *, mode: str, seed: int, budget: int, branch_fraction: float, log) -> dict:
     """Rounds of PROMPTS requests x SAMPLES continuations, frozen policy, until K = max(KS) or `budget` tokens."""
     from launch.trainer import make_requests, step_rng
@@ -132,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None, help="generated tokens per cell before it is censored")
     ap.add_argument("--name", help="results file stem under bench/results (default: discovery or discovery_quick)")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="no runs: print the table of these result files")
+    ap.add_argument("--engine", choices=("vllm", "torch"), default="vllm",
+                    help="vllm: a rollout actor (Ray + vLLM, run it under the heavy lock); torch: TorchGenerator, the "
+                         "same frozen policy sampled in this process")
     args = ap.parse_args(argv)
     if args.report:
         for path in args.report:
@@ -184,15 +255,19 @@ def main(argv=None) -> int:
                 f"{results['p0'][str(h)]['q_mean']:.3f})")
     results.update(KS=list(KS), prompts_per_round=PROMPTS, samples_per_request=SAMPLES, budget_tokens=budget,
                    build_horizon=build_h, model_dir=model_dir)
+    results["engine"] = args.engine
     if plan:
-        connect(base.ray)
-        group = RolloutGroup(model_dir=model_dir, rollout_cfg=base.rollout, task_cfg=base.task, seed=0,
-                             env_vars=actor_env_vars(base.rollout.kv_cache_gib), worker_cls=BenchRolloutWorker)
+        if args.engine == "torch":
+            group = TorchGenerator(model_dir, make_task(base.task), top_k=base.rollout.top_k_logprobs, seed=0)
+        else:
+            connect(base.ray)
+            group = RolloutGroup(model_dir=model_dir, rollout_cfg=base.rollout, task_cfg=base.task, seed=0,
+                                 env_vars=actor_env_vars(base.rollout.kv_cache_gib), worker_cls=BenchRolloutWorker)
         try:
             for i, (h, mode, seed) in enumerate(plan):
                 cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *MODES[mode]])
-                set_task(group, cfg.task)
                 task = make_task(cfg.task)
+                group.set_task(task) if args.engine == "torch" else set_task(group, cfg.task)
                 store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=seed, remote=False)
                 log(f"[discovery] cell {i + 1}/{len(plan)}: H={h} {mode} seed={seed}")
                 cell = run_cell(group, task, store, mode=mode, seed=seed, budget=budget,
@@ -207,10 +282,11 @@ def main(argv=None) -> int:
                 log(f"[discovery]   {json.dumps(cell['k'])} ({cell['seconds']} s)")
                 write_result(name, {**results, "partial": f"{len(results['cells'])} cells"})
         finally:
-            group.shutdown()
-            import ray
+            if args.engine == "vllm":
+                import ray
 
-            ray.shutdown()
+                group.shutdown()
+                ray.shutdown()
     results.pop("partial", None)
     results["summary"] = summary(results)
     results.update(stamp())

@@ -36,3 +36,32 @@ def test_summary_and_table_mark_censored_cells_and_give_the_ratio():
     t = table(res)
     assert "censored" in t and "5.0x (root censored: K/p0)" in t  # 999 / 200
     assert s["budget_tokens"] == 500
+
+
+def test_torch_generator_records_what_a_rollout_actor_records(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.tasks import EOS, VOCAB, ChainTask
+    from bench.discovery import TorchGenerator
+    from protocol.messages import RolloutRequest
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=EOS)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    task = ChainTask(horizon=3, heldout_size=4)
+    gen = TorchGenerator(str(tmp_path), task, top_k=5, seed=0)
+    d = task.heldout_prompts()[0]
+    reqs = [RolloutRequest(request_id=0, root_id="r", prompt_ids=task.prompt_ids(d), n=3),
+            RolloutRequest(request_id=1, root_id="r", prompt_ids=task.prompt_ids(d), prefix_ids=[5, 6], n=2, branch_ref=4)]
+    out = gen.generate(reqs)
+    assert [r.request_id for r in out] == [0, 0, 0, 1, 1] and out[3].branch_ref == 4
+    for r in out:
+        budget = task.max_new_tokens - len(r.prefix_ids)
+        assert 1 <= len(r.token_ids) <= budget and (EOS not in r.token_ids[:-1])
+        assert len(r.logprobs) == len(r.top1_logprobs) == len(r.alt_token_ids) == len(r.entropy) == len(r.token_ids)
+        assert all(lp <= t1 + 1e-6 for lp, t1 in zip(r.logprobs, r.top1_logprobs))
+        assert all(a != t for a, t in zip(r.alt_token_ids, r.token_ids))
+        assert r.reward == task.reward(r.prompt_ids, r.prefix_ids + r.token_ids)
