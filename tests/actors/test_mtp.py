@@ -197,3 +197,29 @@ def test_mask_probe_places_masks_and_reads_the_right_ones():
     mp.probe_parents(mp.draft([]))
     mp.observe([8, 1], [0], six)  # one accepted (not the whole chain): root masks 1.. seed depths 0..
     assert len(mp._guess[0]) == 2 and mp.draft([]).tokens[0] == 3
+
+
+def test_decode_on_a_tiny_random_llama_equals_generate():
+    """The whole decode loop (tree mask into transformers' Llama, positions, cache crop) on a 2-layer random Llama:
+    every proposer's greedy tokens are `generate`'s; sampling with a fixed generator emits the requested length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.drafts import SuffixDraft
+    from actors.mtp import MaskProbe, Proposer, decode
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=2)).eval()
+    prompt = [3, 5, 7, 9, 11, 3, 5]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)[0, len(prompt):].tolist()
+    calls = {}
+    for name, prop in (("plain", Proposer()), ("mask", MaskProbe()), ("chain", MaskProbe(chain_probes=True)),
+                       ("store", SuffixDraft([prompt + ref[:12]]))):
+        out, st = decode(model, prompt, max_new_tokens=30, proposer=prop, eos_token_id=2)
+        assert out == ref, name
+        calls[name] = st.calls
+    assert calls["plain"] == len(ref) and calls["store"] < len(ref)
+    out, st = decode(model, prompt, max_new_tokens=12, proposer=MaskProbe(), temperature=1.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert len(out) == 12 or out[-1] == 2
