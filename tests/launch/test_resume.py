@@ -63,7 +63,9 @@ def test_sigint_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted: checkpoint of step" in out
-    time.sleep(3)
+    gone_by = time.time() + 30  # processes still exiting on a loaded machine are not orphans; one alive after 30 s is
+    while alive(seen) and time.time() < gone_by:
+        time.sleep(0.5)
     assert not alive(seen), f"orphan processes after Ctrl-C: {alive(seen)}"
     interrupted = json.loads((run_dir / "summary.json").read_text())
     assert interrupted["interrupted"] and 2 <= interrupted["steps"] < STEPS
