@@ -22,7 +22,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CALIBRATIONS = ("bench/results/rebalance_smollm2_newline.safetensors",
-                "bench/results/rebalance_smollm2_blank.safetensors")
+                "bench/results/rebalance_smollm2_blank40.safetensors")
 
 
 def log(msg: str) -> None:
