@@ -4,7 +4,7 @@
         --problems 200 --out runs/rebalance/smollm2.safetensors
 
 1. vLLM samples one completion for each of N reasoning-gym problems (unsteered, temperature 0.7 as in the paper).
-2. One teacher-forced HF forward per completion gives the hidden state at the input of every decoder layer at
+2. One teacher-forced HF forward per completion gives the hidden state at the input of every third decoder layer at
    each step-end token, and the max-probability of the distribution every token was drawn from.
 3. Each step-end token is labelled by the step that follows it (what steering there acts on): its confidence c
    (mean max-prob) and whether it holds a reflection word. Layer: the one whose step-end hidden states best
