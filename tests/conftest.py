@@ -14,14 +14,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): a module's tests stay on one worker, so
-    its module-scoped run starts once; the modules that load the real model into an engine or a learner
-    (`real_model` mark) share one group, so no two of them hold ~10 GB at the same time."""
-    import pytest
+import pytest  # noqa: E402 - after the environment above
 
-    if not config.pluginmanager.hasplugin("xdist"):
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_real_model_module_at_a_time(request):
+    """`make test` runs two pytest-xdist workers (`--dist loadscope`: a module's tests stay on one worker, so its
+    module-scoped run starts once). A module marked `real_model` loads SmolLM2 into an engine or a learner (up to
+    ~16 GB): it holds this lock while it runs, so the other worker waits before it starts another such module."""
+    if request.node.get_closest_marker("real_model") is None:
+        yield
         return
-    for item in items:
-        heavy = item.get_closest_marker("real_model") is not None
-        item.add_marker(pytest.mark.xdist_group("real_model" if heavy else item.nodeid.split("::")[0]))
+    import fcntl
+
+    with open(os.path.join("/tmp", f"graftrl-tests-real-model-{os.getuid()}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -14,6 +14,8 @@ from launch.models import MARKER, NEWLINE_TOKEN_ID, ensure_model, hf_name, is_re
 
 from tests.launch.smollm2 import smollm2_dir, smollm2_tokenizer  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.real_model  # the vLLM check holds SmolLM2 in an engine and in transformers
+
 CHAIN3 = {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 2}
 
 
@@ -148,7 +150,6 @@ def test_reasoning_gym_task_on_the_real_tokenizer(smollm2_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.real_model
 def test_vllm_matches_transformers(smollm2_dir, smollm2_tokenizer):
     """vLLM (CPU, float32, eager) and transformers agree on the prompt logprobs of a fixed sequence (measured
     5.6e-5), and greedy text is English that mentions the numbers."""
