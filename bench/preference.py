@@ -3,6 +3,7 @@ queries vs offline RLHF, and the affirmative nudge ablated.
 
     .venv/bin/python -m bench.preference --quick        # one seed, 60 updates per arm (< 15 min on 2 cores)
     .venv/bin/python -m bench.preference --seeds 3      # three seeds, 100 updates per arm
+    .venv/bin/python -m bench.preference --rm-only 1024  # the reward model alone: uncertainty vs random queries
 
 Every arm trains the full system (vLLM rollout actor, DeepSpeed learner, reward-model actor, simulated rater:
 Bradley-Terry on the number of correct steps) from configs/preference_chain.yaml; only these differ:
@@ -132,6 +133,79 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def rm_only(cfg, labels: int, seeds: int, log) -> dict:
+    """The reward model's side alone, in this process (plain torch, no Ray): base-policy responses (8 per prompt,
+    sampled with transformers from the tiny base model), the simulated rater, one query per prompt chosen by
+    `uncertainty` or `random`, `updates_per_step` RM updates per 16 labels. Held-out accuracy = the point head's
+    order against the gold order on 1,000 held-out pairs of base responses with different gold scores."""
+    import random
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from actors.raters import SimulatedRater, gold_score
+    from actors.tasks import make_task
+    from launch.base_model import ensure_base_model
+    from learner.query_selection import select_pair
+    from learner.reward_model import RewardModel, pad_sequences, pair_losses
+
+    p = cfg.preference
+    model_dir = ensure_base_model(cfg.model, cfg.task, log=log)
+    task, n = make_task(cfg.task), 8
+    gold = gold_score(task)
+    policy = LlamaForCausalLM.from_pretrained(model_dir).eval()
+
+    def sample(prompts):
+        ids = torch.tensor([task.prompt_ids(d) for d in prompts]).repeat_interleave(n, 0)
+        with torch.no_grad():
+            out = policy.generate(ids, do_sample=True, top_k=0, max_new_tokens=task.max_new_tokens, pad_token_id=0)
+        rows = [(ids[i].tolist(), out[i, ids.size(1):].tolist()) for i in range(ids.size(0))]
+        return [rows[i:i + n] for i in range(0, len(rows), n)]  # one group of n per prompt
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    train_groups = sample(task.train_prompts(rng, labels))
+    held = [g for grp in sample(task.heldout_prompts()[:125]) for g in zip(grp[0::2], grp[1::2])]
+    held = [(a, b) for a, b in held if gold(*a) != gold(*b)][:1000]
+    ha, hma = pad_sequences([a[0] + a[1] for a, _ in held], 0)
+    hb, hmb = pad_sequences([b[0] + b[1] for _, b in held], 0)
+    truth = torch.tensor([gold(*a) > gold(*b) for a, b in held])
+    out = {"held_out_pairs": len(held), "runs": []}
+    for seed in range(seeds):
+        for selector in ("uncertainty", "random"):
+            torch.manual_seed(seed)
+            rm = RewardModel(LlamaForCausalLM.from_pretrained(model_dir).model, policy.config.hidden_size,
+                             ensemble_size=p.ensemble_size, head_hidden=p.head_hidden, prior_scale=p.prior_scale,
+                             seed=seed)
+            opt = torch.optim.AdamW(rm.trainable_parameters(), lr=p.lr)
+            rater, qrng, brng = SimulatedRater(gold, temperature=p.rater_temperature, seed=seed), random.Random(seed), random.Random(seed)
+            pairs, curve = [], []
+            for k, grp in enumerate(train_groups):
+                with torch.no_grad():
+                    _, particles = rm(*pad_sequences([q + y for q, y in grp], 0))
+                pair = select_pair(selector, particles, qrng, [tuple(y) for _, y in grp])
+                if pair is not None:
+                    (q, ya), (_, yb) = grp[pair[0]], grp[pair[1]]
+                    pairs.append((q + ya, q + yb, rater.ask(q, ya, yb)))
+                if (k + 1) % 16 == 0 and pairs:
+                    rm.train()
+                    for _ in range(p.updates_per_step):
+                        b = [pairs[brng.randrange(len(pairs))] for _ in range(min(p.batch_size, len(pairs)))]
+                        loss, _ = pair_losses(rm, *pad_sequences([x[0] for x in b], 0), *pad_sequences([x[1] for x in b], 0),
+                                              torch.tensor([x[2] for x in b]))
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                if (k + 1) % 128 == 0:
+                    with torch.no_grad():
+                        ra, _ = rm(ha, hma)
+                        rb, _ = rm(hb, hmb)
+                    curve.append({"labels": rater.labels.used, "heldout_accuracy": round(float(((ra > rb) == truth).float().mean()), 4)})
+                    log(f"[preference --rm-only] {selector} s{seed} labels {rater.labels.used} acc {curve[-1]['heldout_accuracy']}")
+            out["runs"].append({"selector": selector, "seed": seed, "curve": curve})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, 60 updates per arm, evaluation every 10")
@@ -145,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every arm")
     ap.add_argument("--out", default="runs/bench_preference")
     ap.add_argument("--name", help="results file stem under bench/results (default: preference or preference_quick)")
+    ap.add_argument("--rm-only", type=int, metavar="LABELS", help="only the reward model's side (no Ray, no policy "
+                    "training): uncertainty vs random queries on base-policy responses, held-out accuracy per 128 labels")
     args = ap.parse_args(argv)
     seeds = args.seeds or 1 if args.quick else args.seeds or 3
     steps = args.steps or (60 if args.quick else 100)
@@ -170,6 +246,15 @@ def main(argv=None) -> int:
         print(f"bench.preference: {e}", file=sys.stderr)
         return 2
     t_start = time.time()
+    if args.rm_only:
+        res = rm_only(base_cfg, args.rm_only, args.seeds or 1, log)
+        final = {sel: [r["curve"][-1]["heldout_accuracy"] for r in res["runs"] if r["selector"] == sel]
+                 for sel in ("uncertainty", "random")}
+        res.update(summary={"labels": args.rm_only, "final_heldout_accuracy": final}, seconds=round(time.time() - t_start, 1))
+        res.update(stamp())
+        write_result(args.name or "preference_rm", res)
+        print(json.dumps(res["summary"]))
+        return 0
     model_dir = ensure_base_model(base_cfg.model, base_cfg.task, log=log)
     connect(base_cfg.ray)
     rollout = RolloutGroup(model_dir=model_dir, rollout_cfg=base_cfg.rollout, task_cfg=base_cfg.task, seed=0,
