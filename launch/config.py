@@ -445,10 +445,11 @@ def _validate(cfg: DictConfig) -> None:
                         learner_gpus=cfg.learner.num_gpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    unknown = sorted(set(cfg.store.scorer_weights) - set(SCORERS) | ({"combined"} & set(cfg.store.scorer_weights)))
+    no_weight = {"combined", "frontier"}  # frontier scores -inf off its positions: it has no standardised score
+    unknown = sorted(set(cfg.store.scorer_weights) - set(SCORERS) | (no_weight & set(cfg.store.scorer_weights)))
     if unknown:
-        raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers; use names of "
-                          f"{', '.join(n for n in SCORERS if n != 'combined')}")
+        raise ConfigError(f"store.scorer_weights names {', '.join(unknown)}, not scorers that can be combined; use names "
+                          f"of {', '.join(n for n in SCORERS if n not in no_weight)}")
     _validate_steering(cfg.rollout)
     if cfg.run_name is not None and not _RUN_NAME.fullmatch(cfg.run_name):
         raise ConfigError(f"run_name={cfg.run_name!r} must be a folder name (letters, digits, _ . = + , -; not starting "

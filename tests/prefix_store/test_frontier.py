@@ -40,3 +40,13 @@ def test_other_scorers_still_fill_every_slot():
     s = PrefixShard(scorer="first_surprise", beta=0.5, max_branches_per_position=4, max_tokens=100_000, vocab_size=V)
     s.insert([rollout("a", [3, 4, 5, 6, 2], [0.0, 1.2, 0.0, 3.0, 0.0])])
     assert len(s.select(3)) == 3  # finite scores everywhere: no position is skipped
+
+
+def test_frontier_cannot_be_weighted_in_the_combined_scorer():
+    import pytest
+
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="store.scorer_weights names frontier, not scorers that can be combined"):
+        load_config(None, ["store.scorer=combined", "store.scorer_weights.frontier=1.0"])
+    assert load_config(None, ["store.scorer=frontier"]).store.scorer == "frontier"
