@@ -3,7 +3,11 @@
     .venv/bin/python -m bench.gap --quick      # H in {4, 8}, one seed, every mode, 200 updates, stop at 0.5; one JSON object
     .venv/bin/python -m bench.gap              # H in {4, 6, 8, 10, 12}, three seeds, plus every scorer/action at H=8
 
-For every horizon H a base model is built at the same target q. Each run
+One base model, built once at the largest H (`model.build_horizon`, `--build-horizon`), serves every H: the
+prompts have that many symbols and the reward counts the first H steps, so q is the same for every H
+(`--build-horizon 0`: a model per H at the same target q, as in the runs recorded before 2026-12-02; the
+rebuilt models' q fell to 0.437 at H=12). Each run also records the exact held-out success by teacher
+forcing at every evaluation (`exact_evals`). Each run
 trains the full system (vLLM rollout actor, prefix-store shard, DeepSpeed
 learner) with identical budgets and seeds in one of these modes:
   root_start          every rollout from the prompt (group baseline)
@@ -72,7 +76,8 @@ def run_one(rollout, model_dir: str, base_ref, cfg, run_dir: str, log) -> dict:
     store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=tc.seed)
     comp = Components(task=make_task(cfg.task), rollout=rollout, store=store, learner=learner, model_dir=model_dir)
     try:
-        s = Trainer(comp, cfg, run_dir, log).run(t_start=t0)
+        trainer = Trainer(comp, cfg, run_dir, log)
+        s = trainer.run(t_start=t0)
     finally:
         learner.shutdown()
         for shard in store.shards:
@@ -85,7 +90,8 @@ def run_one(rollout, model_dir: str, base_ref, cfg, run_dir: str, log) -> dict:
             "samples_to_0.9": None if tokens_09 is None else round(tokens_09 / per_sample),
             "final_success": evals[-1][1], "initial_success": evals[0][1], "generated_tokens": s["generated_tokens"],
             "rollouts": s["rollouts"], "rollouts_from_prefix": s["rollouts_from_prefix"], "steps": s["steps"],
-            "wall_seconds": round(time.time() - t0, 1), "evals": evals}
+            "wall_seconds": round(time.time() - t0, 1), "evals": evals,
+            "exact_evals": [list(e) for e in trainer.counters.exact_evals]}  # teacher-forced held-out success
 
 
 def main(argv=None) -> int:
@@ -100,6 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants-only", action="store_true", help="only the scorer/action comparison at H=8")
     ap.add_argument("--modes", nargs="*", help="run only these modes/variants (names as in the results)")
     ap.add_argument("--variant-seeds", type=int, default=None, help="seeds of each H=8 variant (default: --seeds)")
+    ap.add_argument("--build-horizon", type=int, default=None,
+                    help="one base model built at this H serves every H (model.build_horizon; default: the largest H); "
+                         "0: a base model per H, as the runs recorded before 2026-12-02")
     ap.add_argument("--out", default="runs/bench_gap")
     ap.add_argument("--name", help="results file stem under bench/results (default: gap, gap_quick or gap_variants)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -125,6 +134,11 @@ def main(argv=None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)
     common = ["wandb.mode=disabled", f"train.steps={steps}", f"train.eval_every={args.eval_every}",
               f"train.stop_at_success={stop_at}", "task.heldout_size=64", "train.eval_samples=4", "store.snapshot_every=0"]
+    build_h = max(horizons) if args.build_horizon is None else args.build_horizon
+    if build_h:  # the same base model (the same q) for every H; the reward counts the first H steps
+        if build_h < max(horizons):
+            ap.error(f"--build-horizon {build_h} must be >= the largest H {max(horizons)} (or 0)")
+        common.append(f"model.build_horizon={build_h}")
     t_start = time.time()
     models, reports = {}, {}
     for h in horizons:  # base models first (cached), each at the same target q
