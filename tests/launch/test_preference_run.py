@@ -9,9 +9,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray,
-              pytest.mark.skip(reason="written for issue 17 but not yet run: the heavy lock stayed busy until the session's "
-                                      "deadline; remove this mark after one green run (the 4-step smoke run it extends passed)")]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 OVERRIDES = ["learner.signal=preference", "learner.nudge=0.02", "learner.ref_ema=0.05", "store.branch_fraction=0",
              "preference.max_labels=40", "preference.queries_per_step=16", "train.checkpoint_every=2",
              "wandb.mode=disabled", "train.log_every=0"]
