@@ -63,21 +63,26 @@ def parse_line(line: str) -> Example:
     return Example(id=str(ex_id) if ex_id is not None else example_id(prompt), prompt=prompt, answer=str(answer))
 
 
-def load_jsonl(path: str, on_bad_line: str = "skip") -> list[Example]:
-    """Examples of a JSONL file, in file order; bad lines skipped (with a warning) or rejected."""
+def read_jsonl(path: str, parse, *, what: str, items: str, on_bad_line: str, setting: str) -> list[tuple[int, object]]:
+    """(line number, parse(line)) for every non-blank line of a JSONL file, in file order.
+
+    A line whose `parse` raises ValueError is malformed: all of them are reported in one message naming the line
+    numbers and reasons, then skipped (one warning) or, with on_bad_line="reject", the whole file is refused
+    (DataError naming `setting`, the config field that chooses). An unreadable file or one with no usable line is a
+    DataError; `what` names the file's kind and `items` its records in the messages ("prompt file", "examples")."""
     if on_bad_line not in BAD_LINE_POLICIES:
         raise ValueError(f"on_bad_line={on_bad_line!r}; choose one of {', '.join(BAD_LINE_POLICIES)}")
-    examples, bad = [], []
+    records, bad = [], []
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
-        raise DataError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+        raise DataError(f"cannot read {what} {path!r}: {e.strerror}") from None
     with f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                examples.append(parse_line(line))
+                records.append((lineno, parse(line)))
             except ValueError as e:
                 bad.append((lineno, str(e)))
     if bad:
@@ -85,8 +90,14 @@ def load_jsonl(path: str, on_bad_line: str = "skip") -> list[Example]:
         more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
         msg = f"{path}: {len(bad)} malformed line(s): {shown}{more}"
         if on_bad_line == "reject":
-            raise DataError(msg + " (set task.on_bad_line=skip to drop them)")
+            raise DataError(msg + f" (set {setting}=skip to drop them)")
         log.warning("%s; skipped", msg)
-    if not examples:
-        raise DataError(f"{path}: no usable examples")
-    return examples
+    if not records:
+        raise DataError(f"{path}: no usable {items}")
+    return records
+
+
+def load_jsonl(path: str, on_bad_line: str = "skip") -> list[Example]:
+    """Examples of a JSONL file, in file order; bad lines skipped (with a warning) or rejected."""
+    return [ex for _, ex in read_jsonl(path, parse_line, what="prompt file", items="examples", on_bad_line=on_bad_line,
+                                        setting="task.on_bad_line")]

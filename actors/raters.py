@@ -16,17 +16,14 @@ warning naming the lines, `"reject"` raises `DataError` listing them.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 from dataclasses import dataclass
 from typing import Callable
 
-from actors.data import BAD_LINE_POLICIES, DataError
+from actors.data import BAD_LINE_POLICIES, read_jsonl
 from protocol.registry import check
 
-log = logging.getLogger(__name__)
-_SHOWN = 10  # bad lines spelled out in a message; the rest are counted
 CHOICES = {"a": 0, "b": 1, 0: 0, 1: 1}
 """Accepted values of a file's `choice` field -> 0 (A preferred) or 1 (B preferred)."""
 
@@ -177,31 +174,9 @@ def parse_preference_line(line: str, known_prompt: Callable[[str], bool]) -> Rec
 def load_preferences(path: str, known_prompt: Callable[[str], bool], on_bad_line: str = "skip") -> list[RecordedChoice]:
     """The recorded choices of a JSONL file, in file order; bad lines skipped (one warning) or rejected."""
     check("bad-line policy", BAD_LINE_POLICIES, on_bad_line)
-    out, bad = [], []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"cannot read preference file {path!r}: {e.strerror}") from None
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = parse_preference_line(line, known_prompt)
-            except ValueError as e:
-                bad.append((lineno, str(e)))
-                continue
-            out.append(RecordedChoice(rec.prompt, rec.response_a, rec.response_b, rec.choice, lineno))
-    if bad:
-        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:_SHOWN])
-        more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        msg = f"{path}: {len(bad)} malformed line(s): {shown}{more}"
-        if on_bad_line == "reject":
-            raise DataError(msg + " (set preference.on_bad_line=skip to drop them)")
-        log.warning("%s; skipped", msg)
-    if not out:
-        raise DataError(f"{path}: no usable preference lines")
-    return out
+    lines = read_jsonl(path, lambda line: parse_preference_line(line, known_prompt), what="preference file",
+                       items="preference lines", on_bad_line=on_bad_line, setting="preference.on_bad_line")
+    return [RecordedChoice(r.prompt, r.response_a, r.response_b, r.choice, lineno) for lineno, r in lines]
 
 
 class FileRater:
