@@ -90,3 +90,98 @@ def test_samples_file_puts_branched_rollouts_first_and_decodes_text(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert rows[0]["from_prefix"] and rows[0]["prefix"] == "9" and rows[0]["completion"] == "3 4" and rows[0]["reward"] == 1.0
     assert rows[1]["step"] == 6 and "completion" not in rows[1] and rows[1]["token_ids"] == [3, 4]
+
+
+class _OrderedFakes:
+    """Store, rollout group and learner that record the order of their calls (and the thread of each)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+        self.pushing = False
+        self.selected_during_push = []
+        self.verifier_errors, self.lost, self.last_engine_s = 0, [], 0.0
+
+    # store
+    def select(self, k):
+        self.calls.append(("select", threading.current_thread().name))
+        self.selected_during_push.append(self.pushing)
+        time.sleep(0.02)  # long enough that the push is still on when it runs beside it
+        return [BranchPoint(root_id=f"b{len(self.calls)}", prompt_ids=[1], prefix_ids=[], token_id=2, forced_token=-1,
+                            score=1.0, ref=len(self.calls))][:k]
+
+    def insert(self, rollouts):
+        self.calls.append(("insert", None))
+
+    def release(self, handles):
+        self.calls.append(("release", tuple(handles)))
+
+    def stats(self):
+        return {"edges": 0, "branching_nodes": 0}
+
+    # rollout group
+    def generate(self, requests):
+        self.calls.append(("generate", len(requests)))
+        return []
+
+    def pop_errors(self):
+        return []
+
+    def takes_exported_weights(self, learner):
+        return False
+
+    def sync_weights(self, learner, version, weights):
+        self.pushing = True
+        time.sleep(0.05)
+        self.pushing = False
+        self.calls.append(("push", version))
+
+    # learner
+    def train_step(self, batch):
+        self.calls.append(("update", None))
+        return {"learner/version": sum(1 for c in self.calls if c[0] == "update")}
+
+
+def _fake_trainer(tmp_path, steps):
+    from launch.config import load_config
+    from launch.trainer import Components, Trainer
+
+    fakes = _OrderedFakes()
+    cfg = load_config("configs/default.yaml", [f"train.steps={steps}", "train.prompts_per_step=4",
+                                               "store.branch_fraction=0.25", "learner.advantage=group"])
+    comp = Components(task=ChainTask(horizon=4, heldout_size=8, seed=0), rollout=fakes, store=fakes, learner=fakes,
+                      model_dir="unused")
+    return Trainer(comp, cfg, str(tmp_path), log=lambda *a: None), fakes
+
+
+def test_a_synchronous_step_selects_the_next_one_on_the_store_thread_while_the_weights_go_out(tmp_path):
+    trainer, fakes = _fake_trainer(tmp_path, steps=3)
+    try:
+        for _ in range(3):
+            trainer.train_step()
+    finally:
+        trainer.store_thread.shutdown(wait=True)
+    names = [c[0] for c in fakes.calls]
+    # step 1 selects itself; steps 2 and 3 were selected during the push before them; nothing beyond the last step
+    assert names.count("select") == 3 and names.count("generate") == 3 and trainer.planned is None
+    assert fakes.selected_during_push == [False, True, True]
+    assert [c[1] for c in fakes.calls if c[0] == "select"][1:] == ["store_0", "store_0"]
+    # each planned select comes after that step's insert (the store it sees is the next step's)
+    selects = [i for i, n in enumerate(names) if n == "select"]
+    inserts = [i for i, n in enumerate(names) if n == "insert"]
+    assert all(inserts[k] < selects[k + 1] for k in range(2))
+
+
+def test_a_plan_left_over_when_the_run_stops_early_gives_its_branch_points_back(tmp_path):
+    trainer, fakes = _fake_trainer(tmp_path, steps=5)
+    try:
+        trainer.train_step()
+        planned = trainer.planned
+        assert planned is not None and planned.step == 1 and planned.branch_points
+        trainer.release_unused_plans()
+    finally:
+        trainer.store_thread.shutdown(wait=True)
+    assert trainer.planned is None
+    assert fakes.calls[-1] == ("release", tuple((b.root_id, b.ref) for b in planned.branch_points))
+    with pytest.raises(AssertionError, match="planned: step 1"):
+        trainer.planned = planned
+        trainer.take_planned(2)
