@@ -16,9 +16,8 @@
                   reward model, the preference signal replaces the rewards (learner/rm_phase.py; rm/ metrics)
     build_batch   advantages (and soft values) -> TrainBatch
     update        one KL-regularised learner update
-    push_weights  the new weights to every rollout actor (synchronous mode: the next step's select runs on the
-                  store thread meanwhile, so the next `select` only takes it)
-    store_wait    the background insert (and planned select) finished (the store's statistics for the metrics)
+    push_weights  the new weights to every rollout actor
+    store_wait    the background insert finished (the store's statistics for the step's metrics)
 
 `Trainer.run` owns the life cycle around it: resume, wandb, evaluations,
 progress lines, checkpoints, the final weight check, summary and plots.
@@ -301,8 +300,6 @@ class Trainer:
         self.stage = "the start"
         """Where `run` is (with `timer.current`: `phase`)."""
         self.prefetcher = Prefetcher(self.generate)
-        self.planned: StepPlan | None = None
-        """Synchronous mode: the next step's plan, selected during this step's weight push."""
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         """Runs the store insert beside the learner update (the store client is thread-safe)."""
         self.wandb_run = None
@@ -330,21 +327,6 @@ class Trainer:
         requests = make_requests(self.comp.task, step_rng(tc.seed, step), branch_points, prompts=tc.prompts_per_step,
                                  n=tc.samples_per_request, step=step)
         return StepPlan(step, branch_points, requests)
-
-    def take_planned(self, step: int) -> StepPlan | None:
-        """The plan the previous synchronous step selected while its weights were pushed (None if there is none)."""
-        plan, self.planned = self.planned, None
-        assert plan is None or plan.step == step, f"planned: step {plan.step}, asked for {step}"
-        return plan
-
-    def release_unused_plans(self) -> None:
-        """A plan selected for a step that will not run (the run stops early) gives its branch points back."""
-        plans = [p for p in (self.planned, self.prefetcher.plan) if p is not None]
-        self.prefetcher.close()
-        self.planned = None
-        handles = [(b.root_id, b.ref) for p in plans for b in p.branch_points]
-        if handles:
-            self.comp.store.release(handles)
 
     def generate(self, requests) -> Generation:
         rollouts = self.comp.rollout.generate(requests)
@@ -387,7 +369,7 @@ class Trainer:
         t, step, t0 = self.timer, self.step, time.perf_counter()
         prefetched = self.prefetcher.take(step)
         with t("select"):
-            plan = prefetched[0] if prefetched else self.take_planned(step) or self.select(step)
+            plan = prefetched[0] if prefetched else self.select(step)
         with t("generate"):
             gen = prefetched[1] if prefetched else self.generate(plan.requests)
         self.counters.request_errors += len(gen.errors)
@@ -411,15 +393,10 @@ class Trainer:
         metrics.update(rm_metrics)
         behind = [self.version - r.policy_version for r in gen.rollouts]
         self.version = int(metrics.get("learner/version", self.version))
-        # synchronous mode: the next step's select runs on the store thread (after this step's insert, so it sees
-        # the same store as at the start of the next step) while the weights go out
-        plan_next = not self.cfg.train.async_rollouts and step + 1 < self.cfg.train.steps
-        next_plan = self.store_thread.submit(self.select, step + 1) if plan_next else None
         with t("push_weights"):
             self.push_weights(weights)
         with t("store_wait"):
             store_stats = stored.result()
-            self.planned = next_plan.result() if next_plan else None
         self.step = step + 1
         self.last_fresh_roots = [r.root_id for r in plan.requests if r.branch_ref < 0]
         self.last_rollouts = gen.rollouts
@@ -474,7 +451,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Learner state (DeepSpeed + RNG + Hugging Face folder), the store's shards, the driver's position and the
-        plan of the next step (a batch in flight in async mode, the planned select in synchronous mode), together.
+        plan of a batch in flight, together.
 
         `checkpoints/latest` moves to the new checkpoint only once all of it is written: a process killed
         mid-checkpoint leaves the run resumable from the previous one."""
@@ -483,8 +460,7 @@ class Trainer:
         c = self.counters
         extra = {"step": self.step, "wandb_id": self.wandb_run.id if self.wandb_run else None,
                  "counters": {k: v for k, v in dataclasses.asdict(c).items() if k != "history"},
-                 "in_flight": self.prefetcher.plan.to_json() if self.prefetcher.plan else None,
-                 "planned": self.planned.to_json() if self.planned else None}
+                 "in_flight": self.prefetcher.plan.to_json() if self.prefetcher.plan else None}
         ckpt_root = os.path.join(self.run_dir, "checkpoints")
         path = self.comp.learner.save_checkpoint(ckpt_root, extra=extra, commit=False)  # committed below, with the store
         self.comp.store.snapshot(os.path.join(path, "store"))
@@ -513,8 +489,6 @@ class Trainer:
         self.push_weights()
         if extra.get("in_flight"):
             self.prefetcher.start(StepPlan.from_json(extra["in_flight"]))
-        if extra.get("planned"):
-            self.planned = StepPlan.from_json(extra["planned"])
         return extra["wandb_id"]
 
     # ----- the life cycle --------------------------------------------------------------------------------------
@@ -579,8 +553,6 @@ class Trainer:
                          f"python -m launch.train resume={self.run_dir}")
                 break
         bar.close()
-        if not STOP.is_set():  # stopped early at stop_at_success (an interrupted run's checkpoint keeps its plans)
-            self.release_unused_plans()
         self.prefetcher.close()  # a batch generated beyond the last update is not used
         train_s = time.time() - t_train
         done = c.history[-1]["step"] if c.history else first_step
