@@ -188,7 +188,8 @@ class Learner:
         Rejected without touching the model: a batch with non-finite logprobs,
         advantages or rewards (counted in learner/rejected_batches). Skipped
         with weights and optimizer state unchanged: a step whose loss is
-        non-finite on any rank or micro-batch (learner/skipped_steps). With
+        non-finite on any rank or micro-batch, or whose gradients are (DeepSpeed
+        then leaves the weights alone; learner/skipped_steps). With
         grad_accum_steps > 1 the losses are checked in a no-grad pass first,
         so no gradient is accumulated before the decision.
         """
@@ -227,6 +228,8 @@ class Learner:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             self.engine.step()
             sums += torch.tensor([float(loss.detach())] + [float(info[k]) for k in METRICS[1:]], dtype=torch.float64)
+        if not self.engine.was_step_applied():  # a finite loss with non-finite gradients: DeepSpeed skipped the step
+            return self._skip(counters)
         self.version += 1
         if self.ref_ema > 0:
             self._update_ema()

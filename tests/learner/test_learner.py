@@ -48,6 +48,19 @@ def test_bad_input_rejected_and_nan_step_skipped_with_weights_unchanged(tiny_mod
     assert m["learner/version"] == 1 and math.isfinite(m["learner/loss"]) and not same(w0, weights(L))
 
 
+def test_a_finite_loss_with_non_finite_gradients_counts_as_a_skipped_step(tiny_model_dir):
+    # KL in the reward (the default): a behaviour logprob of -1e30 makes the shaped reward huge but finite, the loss
+    # finite and its gradients infinite; DeepSpeed leaves the weights alone and the learner must say so
+    L = new_learner(tiny_model_dir)
+    w0 = weights(L)
+    bad = make_batch()
+    bad.behaviour_logprobs[1] = [-1e30] * len(bad.behaviour_logprobs[1])
+    m = L.train_step(bad)
+    assert m["learner/skipped_steps"] == 1 and m["learner/version"] == 0 and L.version == 0
+    assert same(w0, weights(L))
+    assert L.train_step(make_batch())["learner/version"] == 1 and not same(w0, weights(L))
+
+
 def test_nan_skip_with_grad_accumulation_leaves_weights_and_optimizer_unchanged(tiny_model_dir):
     # the NaN comes from the batch's advantage 0 times an infinite ratio: KL in the loss keeps the given advantages
     # (kl_mode=reward, the default, recomputes them from the shaped rewards)
