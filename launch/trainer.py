@@ -423,6 +423,7 @@ class Trainer:
             "rollout/request_errors": c.request_errors,
             "rollout/verifier_errors": self.comp.rollout.verifier_errors,
             "rollout/actors_lost": len(self.comp.rollout.lost),
+            "rollout/retried_requests": self.comp.rollout.retried_requests,
             "tree/prefix_cache_hit_rate": prefix_cache_hit_rate(rollouts),
             "tree/branch_points": len(branch_points),
             "tree/prefix_share": len(from_prefix) / len(rollouts) if rollouts else float("nan"),
