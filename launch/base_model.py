@@ -197,8 +197,9 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=model_cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=model_cfg.sft_lr, total_steps=sft_steps(model_cfg, task_cfg), pct_start=0.1)
     q, m, h = model_cfg.target_q, task.modulus, task.horizon
-    t0 = time.time()
-    for _ in tqdm(range(sft_steps(model_cfg, task_cfg)), desc="base model (SFT)", leave=False, disable=None):
+    t0, n_steps = time.time(), sft_steps(model_cfg, task_cfg)
+    log(f"[base model] building {out_dir}: H={h}, {n_steps} SFT steps")
+    for step in tqdm(range(n_steps), desc="base model (SFT)", leave=False, disable=None):
         seqs, _, rights = noisy_demos(task, rng, model_cfg.sft_batch_size, q)
         ids = torch.tensor(seqs)  # (B, T): all demos have the same length
         logp = torch.log_softmax(model(ids).logits[:, -(h + 2) : -1], -1)  # (B, H+1, V): predictions of the answer tokens
@@ -207,6 +208,8 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
         loss.backward()
         opt.step()
         sched.step()
+        if (step + 1) % max(1, n_steps // 10) == 0 and step + 1 < n_steps:  # visible where the bar is not (no TTY)
+            log(f"[base model] SFT step {step + 1}/{n_steps}, loss {float(loss.detach()):.4f}, {time.time() - t0:.0f} s")
     model.eval()
     sft_s = time.time() - t0
     heldout = task.heldout_prompts()
