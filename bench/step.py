@@ -24,9 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.common import stamp, write_result
-
-KEYS = ("timing/step_s", "timing/engine_generate_s", "learner/compute_s", "timing/overhead_share")
+from bench.common import write_result
 
 
 def run_summary(history: list[dict], skip: int) -> dict:
@@ -48,6 +46,11 @@ def compare(runs: list[dict], revs: list[str]) -> dict:
         out["step_ratio_after_before"] = b["timing/step_s"] / a["timing/step_s"]
         out["overhead_share_before"], out["overhead_share_after"] = a["timing/overhead_share"], b["timing/overhead_share"]
     return out
+
+
+def result(shas: list[str], overrides: list[str], skip: int, runs: list[dict]) -> dict:
+    """What the results file holds (rewritten after every run, so an interrupted benchmark keeps its runs)."""
+    return {"revs": shas, "overrides": overrides, "skip": skip, "runs": runs, **compare(runs, shas)}
 
 
 def checkout(rev: str, root: str) -> str:
@@ -82,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     overrides = [f"train.steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0", *args.overrides]
     path = f"bench/results/{args.out}.json"
-    shas = [subprocess.run(["git", "rev-parse", "--short", r], check=True, capture_output=True, text=True).stdout.strip()
-            for r in args.revs]
+    shas = []
+    for rev in args.revs:
+        p = subprocess.run(["git", "rev-parse", "--short", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"error: --revs {rev!r} is not a commit of this repository (e.g. HEAD~1, a branch or a sha)",
+                  file=sys.stderr)
+            return 2
+        shas.append(p.stdout.strip())
     done: list[dict] = []
     if os.path.exists(path) and not args.fresh:
         with open(path) as f:
@@ -105,16 +114,15 @@ def main(argv: list[str] | None = None) -> int:
                 m = done[-1]["medians"]
                 print(f"[bench.step] round {rnd} {rev}: step {m['timing/step_s']:.3f} s, "
                       f"overhead {m['timing/overhead_share']:.1%}", file=sys.stderr, flush=True)
-                write_result(args.out, {"revs": shas, "overrides": overrides, "skip": args.skip, "runs": done,
-                                        **compare(done, shas)})
+                write_result(args.out, result(shas, overrides, args.skip, done))
     finally:
         for tree in trees.values():
             subprocess.run(["git", "worktree", "remove", "--force", tree], capture_output=True)
         shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
-    result = {"revs": shas, "overrides": overrides, "skip": args.skip, "runs": done, **compare(done, shas)}
-    write_result(args.out, result)
-    print(json.dumps({k: result[k] for k in ("revs", "step_ratio_after_before", "overhead_share_before",
-                                             "overhead_share_after") if k in result}))
+    out = result(shas, overrides, args.skip, done)
+    write_result(args.out, out)
+    print(json.dumps({k: out[k] for k in ("revs", "step_ratio_after_before", "overhead_share_before",
+                                          "overhead_share_after") if k in out}))
     return 0
 
 

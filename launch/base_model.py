@@ -195,9 +195,10 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
                       bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, torch_dtype="float32")
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=model_cfg.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=model_cfg.sft_lr, total_steps=sft_steps(model_cfg, task_cfg), pct_start=0.1)
+    n_steps = sft_steps(model_cfg, task_cfg)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=model_cfg.sft_lr, total_steps=n_steps, pct_start=0.1)
     q, m, h = model_cfg.target_q, task.modulus, task.horizon
-    t0, n_steps = time.time(), sft_steps(model_cfg, task_cfg)
+    t0 = time.time()
     log(f"[base model] building {out_dir}: H={h}, {n_steps} SFT steps")
     for step in tqdm(range(n_steps), desc="base model (SFT)", leave=False, disable=None):
         seqs, _, rights = noisy_demos(task, rng, model_cfg.sft_batch_size, q)
@@ -216,7 +217,7 @@ def train_base_model(model_cfg, task_cfg, out_dir: str, log=print) -> dict:
     tf_q, tf_all = correct_step_prob(model, task, heldout)
     report = {"horizon": h, "target_q": q, **sampled_success(model, task, heldout, REPORT_SAMPLES, seed=task_cfg.seed),
               "target_root_success": q ** h, "teacher_forced_q": tf_q, "teacher_forced_success": tf_all,
-              "modulus": m, "prompt_len": task.prompt_len, "sft_steps": sft_steps(model_cfg, task_cfg),
+              "modulus": m, "prompt_len": task.prompt_len, "sft_steps": n_steps,
               "sft_seconds": round(sft_s, 1), "final_sft_loss": float(loss.detach()), "builder_version": BUILDER_VERSION}
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
