@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     if args.report:
         for path in args.report:
             with open(path) as f:
-                print(table(json.load(f)))
+                res = json.load(f)
+            print(table(res) + "\n\n" + ratio_table(res))
         return 0
     horizons = args.horizons or ([4, 8, 10] if args.quick else [4, 6, 8, 10, 12, 14])
     build_h = args.build_horizon or max(horizons)
@@ -301,6 +302,73 @@ def _tokens(cell: dict, k: int):
     return None if v.get("censored") else v["generated_tokens"]
 
 
+def cost_to_k(cell: dict, k: int):
+    """Generated tokens to K solved prompts for one cell: measured, or for a censored cell the K/p0 expectation
+    (None where p0 = 0)."""
+    v = cell["k"][str(k)]
+    return v["expected_root_start"]["generated_tokens"] if v.get("censored") else v["generated_tokens"]
+
+
+def bootstrap_ratio(root: list[float], mode: list[float], *, n_boot: int = 4000, seed: int = 0) -> dict:
+    """mean(root) / mean(mode) and a 95% percentile interval: the seeds of each side resampled with replacement,
+    independently (the two modes' seeds share only the base model, not their samples)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    r, m = np.asarray(root, dtype=float), np.asarray(mode, dtype=float)
+    boot = (rng.choice(r, (n_boot, len(r))).mean(1) / rng.choice(m, (n_boot, len(m))).mean(1))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"ratio": float(r.mean() / m.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def ratios(results: dict, k: int = 10) -> dict:
+    """{H: {prefix mode: bootstrap_ratio of root-start's tokens to K over the mode's, with seed and censoring
+    counts}}; root-start cells censored at the budget enter at their K/p0 expectation."""
+    out: dict = {}
+    by = {}
+    for c in results["cells"]:
+        by.setdefault((c["H"], c["mode"]), []).append(c)
+    for (h, mode), cells in sorted(by.items()):
+        root = by.get((h, "root_start"), [])
+        rt = [cost_to_k(c, k) for c in root]
+        mt = [cost_to_k(c, k) for c in cells]
+        if mode == "root_start" or not root or None in rt or None in mt:
+            continue
+        out.setdefault(str(h), {})[mode] = {
+            **bootstrap_ratio(rt, mt), "seeds": [len(rt), len(mt)],
+            "root_censored": sum(bool(c["k"][str(k)].get("censored")) for c in root),
+            "mode_censored": sum(bool(c["k"][str(k)].get("censored")) for c in cells)}
+    return out
+
+
+def ratio_table(results: dict, k: int = 10) -> str:
+    """Markdown: per H, root-start's mean tokens to K (seed range; censored seeds counted) and, per prefix mode,
+    its mean tokens and the ratio with its 95% bootstrap interval."""
+    rat = ratios(results, k)
+    modes = [m for m in MODES if m != "root_start" and any(c["mode"] == m for c in results["cells"])]
+    lines = [f"| H | p0 (exact) | root-start tokens to K={k}: mean (range) | " +
+             " | ".join(f"{m}: mean tokens, ratio [95% CI]" for m in modes) + " |",
+             "|---|---|---|" + "---|" * len(modes)]
+    for h in sorted({c["H"] for c in results["cells"]}):
+        root = [c for c in results["cells"] if c["H"] == h and c["mode"] == "root_start"]
+        rt = [cost_to_k(c, k) for c in root]
+        cens = sum(bool(c["k"][str(k)].get("censored")) for c in root)
+        row = (f"{_fmt(sum(rt) / len(rt))} ({_fmt(min(rt))}-{_fmt(max(rt))})" + (f", {cens}/{len(rt)} censored (K/p0)"
+               if cens else "")) if rt and None not in rt else "-"
+        parts = []
+        for m in modes:
+            mt = [cost_to_k(c, k) for c in results["cells"] if c["H"] == h and c["mode"] == m]
+            r = rat.get(str(h), {}).get(m)
+            parts.append("-" if not mt or r is None else
+                         f"{_fmt(sum(mt) / len(mt))}, **{r['ratio']:.1f}x** [{r['lo']:.1f}, {r['hi']:.1f}]")
+        lines.append(f"| {h} | {results['p0'][str(h)]['p0']:.2e} | {row} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}K" if x >= 1e3 else str(round(x))
+
+
 def summary(results: dict) -> dict:
     """{"H": {H: {mode: {discovery_tokens_k<K>: median over seeds or None (censored), ..._estimate}}}, "budget_tokens"}."""
     import statistics
@@ -320,14 +388,13 @@ def summary(results: dict) -> dict:
                     row[f"discovery_tokens_k{k}_estimate"] = statistics.median(
                         c["expected_root_start"][str(k)]["generated_tokens"] for c in cells)
             summ["H"][h][mode] = row
+    summ["ratio_k10"] = ratios(results, 10)
     return summ
 
 
 def table(results: dict) -> str:
     """Markdown: one row per (H, mode), generated tokens / calls / prefill tokens to K, and the ratio to root-start."""
-    def fmt(x):
-        return "-" if x is None else f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}K" if x >= 1e3 else str(round(x))
-
+    fmt = _fmt
     lines = ["| H | p0 (exact) | mode | " + " | ".join(f"K={k}: tokens (calls, prefill)" for k in KS) +
              " | root-start / mode tokens at K=10 |", "|---|---|---|" + "---|" * len(KS) + "---|"]
     cells = sorted(results["cells"], key=lambda c: (c["H"], list(MODES).index(c["mode"]) if c["mode"] in MODES else 99, c["seed"]))
@@ -353,8 +420,8 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    """Generated tokens to K=10 solved prompts against H, log scale, one line per mode; censored cells as open
-    markers at their K/p0 expectation."""
+    """Generated tokens to K=10 solved prompts against H, log scale, one line per mode (mean over seeds) with a band
+    from the lowest to the highest seed; censored cells drawn as open markers at their K/p0 expectation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,17 +430,21 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     modes = [m for m in MODES if any(c["mode"] == m for c in results["cells"])]
     for j, mode in enumerate(modes):
-        pts = sorted((c["H"], _tokens(c, 10), c["k"]["10"]) for c in results["cells"] if c["mode"] == mode)
-        ax.plot([h for h, t, _ in pts if t is not None], [t for _, t, _ in pts if t is not None], marker="o",
-                color=f"C{j}", label=mode)
-        cens = [(h, v["expected_root_start"]["generated_tokens"]) for h, t, v in pts
-                if t is None and v["expected_root_start"]["generated_tokens"] is not None]
+        cells = [c for c in results["cells"] if c["mode"] == mode and cost_to_k(c, 10) is not None]
+        hs = sorted({c["H"] for c in cells})
+        per_h = [[cost_to_k(c, 10) for c in cells if c["H"] == h] for h in hs]
+        ax.plot(hs, [sum(v) / len(v) for v in per_h], marker="o", color=f"C{j}", label=mode)
+        ax.fill_between(hs, [min(v) for v in per_h], [max(v) for v in per_h], color=f"C{j}", alpha=0.15, lw=0)
+        cens = [(c["H"], cost_to_k(c, 10)) for c in cells if c["k"]["10"].get("censored")]
         if cens:
-            ax.scatter(*zip(*cens), marker="o", facecolors="none", edgecolors=f"C{j}", label=f"{mode}: censored (K/p0)")
+            ax.scatter(*zip(*cens), marker="o", s=40, facecolors="white", edgecolors=f"C{j}", zorder=3,
+                       label=f"{mode}: censored, K/p0")
+    seeds = len({c["seed"] for c in results["cells"]})
     ax.set_yscale("log")
     ax.set_xlabel("horizon H")
     ax.set_ylabel("generated tokens until 10 prompts solved\n(policy frozen)", fontsize=8)
-    ax.set_title(f"{results.get('date', '')} {results.get('commit', '')}", fontsize=8)
+    ax.set_title(f"{results.get('date', '')} {results.get('commit', '')}: mean of {seeds} seeds, band = seed range",
+                 fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

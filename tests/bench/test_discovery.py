@@ -65,3 +65,30 @@ def test_torch_generator_records_what_a_rollout_actor_records(tmp_path):
         assert all(lp <= t1 + 1e-6 for lp, t1 in zip(r.logprobs, r.top1_logprobs))
         assert all(a != t for a, t in zip(r.alt_token_ids, r.token_ids))
         assert r.reward == task.reward(r.prompt_ids, r.prefix_ids + r.token_ids)
+
+
+def test_bootstrap_ratio_is_the_ratio_of_means_inside_its_interval():
+    from bench.discovery import bootstrap_ratio
+
+    r = bootstrap_ratio([100.0, 300.0, 200.0], [10.0, 30.0, 20.0])
+    assert r["ratio"] == pytest.approx(10.0)
+    assert r["lo"] < r["ratio"] < r["hi"]  # the seeds vary, so the interval has width
+    same = bootstrap_ratio([50.0] * 4, [5.0] * 4)
+    assert same["lo"] == pytest.approx(10.0) and same["hi"] == pytest.approx(10.0)
+
+
+def test_ratios_enter_censored_root_cells_at_their_estimate_and_the_table_shows_the_interval(tmp_path):
+    from bench.discovery import plot, ratio_table, ratios
+
+    cells = []
+    for seed, (root, pre) in enumerate([(800, 100), (1200, 300)]):
+        cells += [{**_cell(8, "root_start", root), "seed": seed}, {**_cell(8, "prefix_frontier", pre), "seed": seed}]
+    cells.append({**_cell(8, "root_start", 0, censored=True), "seed": 2})  # enters at 999
+    res = {"budget_tokens": 500, "p0": {"8": {"p0": 0.004}}, "cells": cells}
+    r = ratios(res)["8"]["prefix_frontier"]
+    assert r["ratio"] == pytest.approx(((800 + 1200 + 999) / 3) / 200)
+    assert r["seeds"] == [3, 2] and r["root_censored"] == 1 and r["mode_censored"] == 0
+    t = ratio_table(res)
+    assert "1/3 censored" in t and f"**{r['ratio']:.1f}x** [{r['lo']:.1f}, {r['hi']:.1f}]" in t
+    plot(res, str(tmp_path / "d.png"))
+    assert (tmp_path / "d.png").stat().st_size > 0
