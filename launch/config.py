@@ -275,6 +275,9 @@ class PreferenceConfig:
     """Online: reward-model updates after each step's new choices."""
     offline_updates: int = 400
     """Offline: reward-model updates on the collected choices before the policy trains."""
+    warmup_labels: int = 0
+    """Online: before the policy's first update, this many queries about base-policy rollouts of fresh prompts
+    (`query_selection`, `queries_per_step` per batch, `updates_per_step` reward-model updates after each); 0: none."""
     num_cpus: float = 0.0
     """Ray CPUs the reward-model actor reserves (0 on a small CPU box: it runs between the other phases)."""
     num_gpus: float = 0.0
@@ -359,7 +362,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "train.eval_every": 0, "train.log_every": 0, "ray.num_cpus": 1,
     "preference.max_labels": 1, "preference.queries_per_step": 1, "preference.ensemble_size": 2,
     "preference.head_hidden": 1, "preference.batch_size": 1, "preference.updates_per_step": 0,
-    "preference.offline_updates": 0, "preference.num_cpus": 0, "preference.num_gpus": 0, "preference.prior_scale": 0,
+    "preference.offline_updates": 0, "preference.warmup_labels": 0, "preference.num_cpus": 0, "preference.num_gpus": 0, "preference.prior_scale": 0,
 }
 _POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio",
              "preference.rater_temperature", "preference.lr")

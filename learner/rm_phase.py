@@ -13,6 +13,9 @@ Per step, for the step's rollouts grouped by request (the responses sampled for 
    preference_signal); the batch's `group` advantage turns it into s_i - 1/2 and learner.nudge adds epsilon.
 Offline mode asks nothing during training: the first call draws all `max_labels` queries from base-policy
 rollouts of fresh prompts (`generate_base`), trains the reward model `offline_updates` times and freezes it.
+Online mode with `warmup_labels` > 0 first asks that many queries the same way, but with its own query selection
+and `updates_per_step` reward-model updates after every batch, so the policy's first update follows a reward
+model that has already seen data; these labels count against the budget like every other.
 
 Metrics (`rm/`): labels_used, new_labels, heldout_accuracy, chosen_pair_variance (var_k of the preference
 probability of the asked pairs, before training), pair_variance_mean (the same over every distinct pair of the
@@ -38,11 +41,11 @@ def _mean(xs) -> float:
 
 class PreferencePhase:
     def __init__(self, rm, rater, pref_cfg, *, seed: int, generate_base=None):
-        """generate_base(): base-policy rollouts of a batch of fresh prompts (offline mode only)."""
+        """generate_base(): base-policy rollouts of a batch of fresh prompts (offline mode and the online warm-up)."""
         self.rm, self.rater, self.cfg = rm, rater, pref_cfg
         self.generate_base = generate_base
         self.rng = random.Random(f"queries:{seed}")
-        self.offline_done = False
+        self.offline_done = False  # offline: the collection ran; online: the warm-up ran
         self.unanswerable = 0
 
     def _remaining(self) -> float:
@@ -101,11 +104,28 @@ class PreferencePhase:
         metrics["rm/offline_batches"] = batches
         return metrics
 
+    def _warmup(self) -> dict:
+        """Online: `warmup_labels` queries about base-policy rollouts, `updates_per_step` updates after each batch."""
+        self.offline_done, metrics, batches, used = True, {}, 0, self.rater.labels.used
+        while self._remaining() > 0 and self.rater.labels.used - used < self.cfg.warmup_labels and batches < 1000:
+            rollouts = self.generate_base()
+            batches += 1
+            point, particles = self.rm.score([r.prompt_ids + r.prefix_ids + r.token_ids for r in rollouts])
+            limit = min(self.cfg.queries_per_step, self.cfg.warmup_labels - (self.rater.labels.used - used))
+            new, metrics = self._ask(rollouts, point, particles, self._groups(rollouts), limit=limit)
+            self.rm.add(new)
+            if new:
+                metrics.update(self.rm.train(self.cfg.updates_per_step))
+        metrics["rm/warmup_batches"] = batches
+        return metrics
+
     def __call__(self, rollouts, step: int) -> tuple[list[float], dict]:
         """The preference signal of every rollout (to replace its reward in the batch) and the step's rm/ metrics."""
         metrics: dict = {}
         if self.cfg.mode == "offline" and not self.offline_done:
             metrics.update(self._offline())
+        elif self.cfg.mode == "online" and self.cfg.warmup_labels > 0 and not self.offline_done:
+            metrics.update(self._warmup())
         groups = self._groups(rollouts)
         seqs = [r.prompt_ids + r.prefix_ids + r.token_ids for r in rollouts]
         point, particles = self.rm.score(seqs)

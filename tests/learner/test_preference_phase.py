@@ -39,7 +39,7 @@ class FakeRM:
 
 def _cfg(**kw):
     base = dict(mode="online", query_selection="uncertainty", queries_per_step=16, updates_per_step=2,
-                offline_updates=5)
+                offline_updates=5, warmup_labels=0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -104,6 +104,24 @@ def test_offline_collects_every_label_first_and_then_asks_nothing():
     assert rater.labels.used == 5 and len(calls) == 3 and rm.trained == 5 and m["rm/offline_batches"] == 3
     phase(batch, step=1)
     assert rater.labels.used == 5 and len(calls) == 3 and rm.trained == 5
+
+
+def test_online_warmup_asks_its_labels_about_base_batches_then_goes_online():
+    task = ChainTask(horizon=4)
+    rater = SimulatedRater(gold_score(task), seed=0, budget=10)
+    rm = FakeRM()
+    base = _rollouts(task, [((1, 2, 3, 4), [(1, 3, 6, 0), (9, 3, 6, 0)]), ((5, 5, 5, 5), [(5, 0, 5, 0), (4, 0, 5, 0)])])
+    calls = []
+    phase = PreferencePhase(rm, rater, _cfg(warmup_labels=3), seed=0, generate_base=lambda: calls.append(1) or base)
+    own = _rollouts(task, [((0, 0, 0, 1), [(0, 0, 0, 1), (9, 0, 0, 1)])])
+    _, m = phase(own, step=0)
+    # two base batches (2 + 1 labels: the warm-up stops at 3), each followed by updates_per_step = 2 updates,
+    # then the step's own query and its 2 updates
+    assert len(calls) == 2 and m["rm/warmup_batches"] == 2
+    assert rater.labels.used == 4 and m["rm/labels_used"] == 4 and rm.trained == 6
+    assert rm.pairs[-1][0][:len(own[0].prompt_ids)] == own[0].prompt_ids  # the last query is the step's own
+    phase(own, step=1)
+    assert len(calls) == 2 and rater.labels.used == 5  # no second warm-up
 
 
 def test_save_and_restore_round_trip(tmp_path):
