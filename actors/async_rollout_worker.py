@@ -87,7 +87,7 @@ class AsyncRolloutWorker(WorkerBase):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir, rollout_cfg, seed),
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir, rollout_cfg, seed, self.engine_extension),
                                                                 disable_log_stats=True))
         self.vocab_size = self.engine.model_config.get_vocab_size()
         self.max_len = self.engine.model_config.max_model_len

@@ -112,18 +112,19 @@ def exits_if_engine_dead(method):
     return guarded
 
 
-def engine_kwargs(model_dir: str, rollout_cfg, seed: int) -> dict:
+def engine_kwargs(model_dir: str, rollout_cfg, seed: int, extension: str | None = None) -> dict:
     """Arguments of `vllm.LLM` / `AsyncEngineArgs` (the same engine settings for both variants); a vLLM weight
     transport (`rollout.weight_transport` nccl / ipc) adds vLLM's `weight_transfer_config`, `rollout.speculative`
-    its `speculative_config`."""
+    its `speculative_config`. `extension`: the engine workers' extension class in place of the served one (a
+    subclass of it: the benchmarks' workers add their timing hooks this way)."""
     from actors.speculative import vllm_speculative_kwargs
     from actors.weight_transport import engine_transfer_kwargs
 
     steering = getattr(rollout_cfg, "steering", "none") == "rebalance"  # ReBalance hooks: actors/rebalance_vllm.py
     return dict(model=model_dir, dtype=rollout_cfg.dtype, enforce_eager=rollout_cfg.enforce_eager,
                 gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, enable_prefix_caching=True, seed=seed,
-                worker_extension_cls=("actors.rebalance_vllm.SteeredWeightReceiver" if steering
-                                      else "actors.weight_receiver.WeightReceiver"),
+                worker_extension_cls=extension or ("actors.rebalance_vllm.SteeredWeightReceiver" if steering
+                                                   else "actors.weight_receiver.WeightReceiver"),
                 **({"async_scheduling": False} if steering else {}),
                 **({"block_size": rollout_cfg.block_size} if getattr(rollout_cfg, "block_size", None) else {}),
                 **engine_transfer_kwargs(getattr(rollout_cfg, "weight_transport", "object_store")),
@@ -210,6 +211,9 @@ def sequence_logprobs_of(token_ids: list[int], out) -> list[float]:
 class WorkerBase:
     """State and methods both engine variants share: config, actor id, policy version, task, cache counters."""
 
+    engine_extension: str | None = None
+    """The vLLM worker extension class of this actor's engine (None: the served one, see `engine_kwargs`)."""
+
     def _setup(self, *, model_dir: str, rollout_cfg, task_cfg, actor_id: int) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout_cfg.kv_cache_gib))
         self.cfg = rollout_cfg
@@ -286,7 +290,7 @@ class RolloutWorker(WorkerBase):
         self._setup(model_dir=model_dir, rollout_cfg=rollout_cfg, task_cfg=task_cfg, actor_id=actor_id)
         from vllm import LLM
 
-        self.llm = LLM(**engine_kwargs(model_dir, rollout_cfg, seed))
+        self.llm = LLM(**engine_kwargs(model_dir, rollout_cfg, seed, self.engine_extension))
         if getattr(rollout_cfg, "steering", "none") == "rebalance":  # every generate (rollouts, eval) is steered
             self.llm.collective_rpc("rebalance_setup", args=(os.path.expanduser(rollout_cfg.steering_path),))
         self.transferring = False

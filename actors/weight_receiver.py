@@ -54,14 +54,3 @@ class WeightReceiver:
         weights = safetensors_views(mapped)
         self.model_runner.reload_weights(weights_iterator=iter(weights))
         return len(weights)  # the mapping goes when the last view does
-
-    def time_reload_from_file(self, path: str) -> float:
-        """Floor of a weight update (bench/rollout.py): seconds of `reload_weights` alone, tensors already in memory."""
-        import time
-
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-        t0 = time.perf_counter()
-        self.model_runner.reload_weights(weights_iterator=iter(state.items()))
-        return time.perf_counter() - t0

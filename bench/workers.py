@@ -3,7 +3,8 @@
     RolloutGroup(..., worker_cls=bench_worker_class(cfg.engine))   # then set_task(group, task_cfg), actor.raw_generate ...
 
 - `set_task`: score with another task from now on (bench/gap reuses one engine across horizons).
-- `engine_rpc`: call a `WeightReceiver` method in every engine worker (bench/rollout's `time_reload_from_file`).
+- `engine_rpc`: call a method of the engine workers' extension in every worker; the bench engines' extension is
+  `BenchWeightReceiver` (the served one plus `time_reload_from_file`, bench/rollout's floor of a weight update).
 - `raw_generate` (sync engine): the bare `llm.generate` baseline of bench/rollout's actor-vs-raw ratio.
 """
 from __future__ import annotations
@@ -14,10 +15,29 @@ from actors.async_rollout_worker import AsyncRolloutWorker
 from actors.group import ENGINES
 from actors.rollout_worker import RolloutWorker
 from actors.tasks import make_task
+from actors.rebalance_vllm import SteeredWeightReceiver
 from protocol.registry import lookup
+
+BENCH_EXTENSION = "bench.workers.BenchWeightReceiver"
+
+
+class BenchWeightReceiver(SteeredWeightReceiver):
+    """The served worker extension (weight loading; ReBalance hooks, inert until `rebalance_setup`) plus the
+    benchmarks' timing hook."""
+
+    def time_reload_from_file(self, path: str) -> float:
+        """Floor of a weight update (bench/rollout.py): seconds of `reload_weights` alone, tensors already in memory."""
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        t0 = time.perf_counter()
+        self.model_runner.reload_weights(weights_iterator=iter(state.items()))
+        return time.perf_counter() - t0
 
 
 class BenchRolloutWorker(RolloutWorker):
+    engine_extension = BENCH_EXTENSION
+
     def set_task(self, task_cfg, model_dir: str | None = None) -> None:
         """Score with another task from now on (benchmarks reuse one engine across horizons)."""
         self.task = make_task(task_cfg, tokenizer_dir=model_dir)
@@ -38,6 +58,8 @@ class BenchRolloutWorker(RolloutWorker):
 
 
 class BenchAsyncRolloutWorker(AsyncRolloutWorker):
+    engine_extension = BENCH_EXTENSION
+
     def set_task(self, task_cfg, model_dir: str | None = None) -> None:
         """Score with another task from now on."""
         self.task = make_task(task_cfg, tokenizer_dir=model_dir)

@@ -16,6 +16,23 @@ def test_served_workers_hold_no_benchmark_hooks():
     assert bench_worker_class("sync") is BenchRolloutWorker and bench_worker_class("async") is BenchAsyncRolloutWorker
 
 
+def test_served_engines_have_no_timing_hook_and_bench_engines_use_the_bench_extension():
+    from actors.rebalance_vllm import SteeredWeightReceiver
+    from actors.rollout_worker import engine_kwargs
+    from actors.weight_receiver import WeightReceiver
+    from bench.workers import BenchWeightReceiver
+    from launch.config import load_config
+
+    assert not hasattr(WeightReceiver, "time_reload_from_file") and not hasattr(SteeredWeightReceiver, "time_reload_from_file")
+    assert issubclass(BenchWeightReceiver, SteeredWeightReceiver) and hasattr(BenchWeightReceiver, "time_reload_from_file")
+    rollout = load_config(None, []).rollout
+    assert RolloutWorker.engine_extension is None and AsyncRolloutWorker.engine_extension is None
+    assert engine_kwargs("m", rollout, 0)["worker_extension_cls"] == "actors.weight_receiver.WeightReceiver"
+    for cls in (BenchRolloutWorker, BenchAsyncRolloutWorker):
+        kw = engine_kwargs("m", rollout, 0, cls.engine_extension)
+        assert kw["worker_extension_cls"] == "bench.workers.BenchWeightReceiver"
+
+
 def test_engine_rpc_and_raw_generate_leave_the_served_counters_alone():
     class LLM:
         def collective_rpc(self, method, args=()):
