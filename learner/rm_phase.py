@@ -90,32 +90,33 @@ class PreferencePhase:
             groups.setdefault(r.request_id, []).append(i)
         return groups
 
-    def _offline(self) -> dict:
-        """All labels from base-policy rollouts, then `offline_updates` reward-model updates; once."""
-        self.offline_done, metrics, batches = True, {}, 0
-        while self._remaining() > 0 and batches < 1000:
+    def _ask_base(self, labels: float, per_batch: float, updates_per_batch: int) -> tuple[dict, int]:
+        """Queries about base-policy batches of fresh prompts until `labels` are asked or the budget is spent,
+        at most `per_batch` per batch, `updates_per_batch` reward-model updates after each; (metrics, batches)."""
+        metrics, batches, used = {}, 0, self.rater.labels.used
+        while self._remaining() > 0 and self.rater.labels.used - used < labels and batches < 1000:
             rollouts = self.generate_base()
             batches += 1
-            seqs = [r.prompt_ids + r.prefix_ids + r.token_ids for r in rollouts]
-            point, particles = self.rm.score(seqs)
-            new, metrics = self._ask(rollouts, point, particles, self._groups(rollouts), limit=len(rollouts))
+            point, particles = self.rm.score([r.prompt_ids + r.prefix_ids + r.token_ids for r in rollouts])
+            limit = min(per_batch, labels - (self.rater.labels.used - used))
+            new, metrics = self._ask(rollouts, point, particles, self._groups(rollouts), limit=limit)
             self.rm.add(new)
+            if new and updates_per_batch:
+                metrics.update(self.rm.train(updates_per_batch))
+        return metrics, batches
+
+    def _offline(self) -> dict:
+        """All labels from base-policy rollouts, then `offline_updates` reward-model updates; once."""
+        self.offline_done = True
+        metrics, batches = self._ask_base(math.inf, math.inf, 0)
         metrics.update(self.rm.train(self.cfg.offline_updates))
         metrics["rm/offline_batches"] = batches
         return metrics
 
     def _warmup(self) -> dict:
         """Online: `warmup_labels` queries about base-policy rollouts, `updates_per_step` updates after each batch."""
-        self.offline_done, metrics, batches, used = True, {}, 0, self.rater.labels.used
-        while self._remaining() > 0 and self.rater.labels.used - used < self.cfg.warmup_labels and batches < 1000:
-            rollouts = self.generate_base()
-            batches += 1
-            point, particles = self.rm.score([r.prompt_ids + r.prefix_ids + r.token_ids for r in rollouts])
-            limit = min(self.cfg.queries_per_step, self.cfg.warmup_labels - (self.rater.labels.used - used))
-            new, metrics = self._ask(rollouts, point, particles, self._groups(rollouts), limit=limit)
-            self.rm.add(new)
-            if new:
-                metrics.update(self.rm.train(self.cfg.updates_per_step))
+        self.offline_done = True
+        metrics, batches = self._ask_base(self.cfg.warmup_labels, self.cfg.queries_per_step, self.cfg.updates_per_step)
         metrics["rm/warmup_batches"] = batches
         return metrics
 
