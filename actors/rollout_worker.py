@@ -259,8 +259,9 @@ class WorkerBase:
         self.cached_tokens += out.num_cached_tokens or 0
 
     def _to_rollouts(self, requests: list[RolloutRequest], outputs: list) -> list[Rollout]:
+        top_k = self.cfg.top_k_logprobs  # read once: an OmegaConf lookup costs ~20 us
         return [r for req, out in zip(requests, outputs)
-                for r in to_rollouts(req, out, top_k=self.cfg.top_k_logprobs, task=self.task, version=self.version,
+                for r in to_rollouts(req, out, top_k=top_k, task=self.task, version=self.version,
                                      actor_id=self.actor_id)]
 
     def _generated(self, rollouts: list[Rollout], errors: list[RequestError]) -> Generated:

@@ -35,3 +35,9 @@ def test_scorer_values():
 def test_unknown_scorer_lists_valid_names():
     with pytest.raises(ValueError, match="unknown scorer 'nope'; choose one of " + ", ".join(SCORERS)):
         get_scorer("nope")
+
+
+def test_entropy_from_topk_ignores_impossible_tokens():
+    """A logprob of -inf (probability 0) adds nothing, instead of 0 * -inf = nan."""
+    h = entropy_from_topk([math.log(0.5), math.log(0.5), float("-inf")])
+    assert h == pytest.approx(math.log(2))
