@@ -1,6 +1,6 @@
 """Discovery with the policy frozen: what it costs to find verified successes, root-start vs prefix access.
 
-    .venv/bin/python -m bench.discovery --quick   # H in {4, 8, 10}, one seed, every mode; one JSON line
+    .venv/bin/python -m bench.discovery --quick   # discovery at H in {4, 8, 10}, end to end at {4, 8}; one JSON line
     .venv/bin/python -m bench.discovery           # H in {4, 6, 8, 10, 12, 14}, three seeds
     .venv/bin/python -m bench.discovery --report bench/results/discovery_quick.json   # the table only
 
@@ -192,7 +192,10 @@ def run_cell(group, task, store, *, mode: str, seed: int, budget: int, branch_fr
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="H in {4, 8, 10}, one seed")
+    ap.add_argument("--quick", action="store_true",
+                    help="discovery at H in {4, 8, 10} and end to end at H in {4, 8} (bench.gap, root-start and "
+                         "first-surprise), one seed, on the H=12 base model; one JSON line")
+    ap.add_argument("--discovery-only", action="store_true", help="with --quick: no end-to-end runs")
     ap.add_argument("--horizons", type=int, nargs="*")
     ap.add_argument("--build-horizon", type=int, help="horizon of the one base model (default: the largest H)")
     ap.add_argument("--seeds", type=int, default=None)
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
             print(table(res) + "\n\n" + ratio_table(res))
         return 0
     horizons = args.horizons or ([4, 8, 10] if args.quick else [4, 6, 8, 10, 12, 14])
-    build_h = args.build_horizon or max(horizons)
+    build_h = args.build_horizon or (12 if args.quick else max(horizons))
     seeds = range(args.seeds or (1 if args.quick else 3))
     modes = args.modes or list(MODES)
     unknown = sorted(set(modes) - set(MODES))
@@ -225,6 +228,11 @@ def main(argv=None) -> int:
     if os.path.isfile(path):  # resume: the cells already measured are kept, not redone
         with open(path) as f:
             results = json.load(f)
+        if results.get("build_horizon", build_h) != build_h or results.get("budget_tokens", budget) != budget:
+            print(f"error: {path} holds cells of another base model or budget (build horizon "
+                  f"{results.get('build_horizon')}, budget {results.get('budget_tokens')}; asked {build_h}, {budget}): "
+                  "pass the same --build-horizon and --budget to resume it, or another --name", file=sys.stderr)
+            return 2
     done = {(c["H"], c["mode"], c["seed"]) for c in results["cells"]}
     plan = [(h, m, s) for h in horizons for m in modes for s in seeds if (h, m, s) not in done]
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -293,8 +301,27 @@ def main(argv=None) -> int:
     results.update(stamp())
     write_result(name, results)
     plot(results, os.path.join("bench", "results", f"{name}.png"))
-    print(json.dumps(results["summary"]))
+    if args.quick and not args.discovery_only:
+        print(json.dumps(quick_summary(results, run_end_to_end(build_h, f"{name}_end_to_end"))))
+    else:
+        print(json.dumps(results["summary"]))
     return 0
+
+
+def run_end_to_end(build_h: int, name: str) -> dict:
+    """bench.gap's quick runs (H in {4, 8}, one seed, 200 updates, stop at held-out 0.5) for root-start and the
+    first-surprise prefix mode, on the same base model; its own JSON line goes to stderr. -> its results file."""
+    import contextlib
+
+    from bench import gap
+
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = gap.main(["--quick", "--horizons", "4", "8", "--build-horizon", str(build_h), "--name", name,
+                       "--modes", "root_start", "prefix_first_surprise"])
+    if rc != 0:
+        raise RuntimeError(f"bench.gap --quick failed ({rc})")
+    with open(os.path.join("bench", "results", f"{name}.json")) as f:
+        return json.load(f)
 
 
 def _tokens(cell: dict, k: int):
@@ -390,6 +417,62 @@ def summary(results: dict) -> dict:
             summ["H"][h][mode] = row
     summ["ratio_k10"] = ratios(results, 10)
     return summ
+
+
+K_TAKEOFF = 100
+"""The end-to-end model's K*: root-start's held-out success stays flat until it has seen about this many verified
+successes (measured in the gap runs at H = 8-10), after which it learns as fast as a prefix mode."""
+
+
+def end_to_end_estimate(p0: float, tokens_per_call: float, floor: float | None, k_star: int = K_TAKEOFF):
+    """Root-start's generated tokens to held-out success 0.5 under the stated two-cost model:
+
+        T_root(H) ~= K* / p0(H) * tokens_per_call(H)  +  L(H)
+
+    discovery (K* successes at the frozen base policy's exact success rate p0) plus the learning floor L (the best
+    prefix mode's measured tokens to 0.5 at the same H, where successes are plentiful). None without p0 or L."""
+    if not p0 or floor is None:
+        return None
+    return k_star / p0 * tokens_per_call + floor
+
+
+def quick_summary(discovery: dict, end_to_end: dict, k_star: int = K_TAKEOFF) -> dict:
+    """The one JSON line of `--quick`: per H and mode, the discovery cost (generated tokens to K=10 solved prompts,
+    policy frozen; a censored cell also gives its K/p0 expectation) and the end-to-end cost (generated tokens until
+    held-out success 0.5, null when the run's budget ran out first, and for root-start the two-cost model's
+    estimate `end_to_end_estimate`, so a measured run checks it). Medians over seeds."""
+    import statistics
+
+    def med(xs):
+        return None if not xs or any(x is None for x in xs) else statistics.median(xs)
+
+    disc = summary(discovery)["H"]
+    runs = end_to_end.get("runs", [])
+    out: dict = {}
+    for h in sorted({c["H"] for c in discovery["cells"]} | {r["H"] for r in runs}):
+        rows = out.setdefault(str(h), {})
+        for mode, d in disc.get(str(h), {}).items():
+            rows[mode] = {"discovery_tokens_k10": d["discovery_tokens_k10"],
+                          **({"discovery_tokens_k10_estimate": d["discovery_tokens_k10_estimate"]}
+                             if "discovery_tokens_k10_estimate" in d else {})}
+        e2e = {}
+        for r in runs:
+            if r["H"] == h:
+                e2e.setdefault(r["mode"], []).append(r["tokens_to_0.5"])
+        floors = [med(v) for m, v in e2e.items() if m != "root_start" and med(v) is not None]
+        floor = min(floors) if floors else None
+        root_cells = [c for c in discovery["cells"] if c["H"] == h and c["mode"] == "root_start"]
+        per_call = (sum(c["generated_tokens"] for c in root_cells) / max(1, sum(c["calls"] for c in root_cells))
+                    if root_cells else None)
+        p0 = discovery.get("p0", {}).get(str(h), {}).get("p0")
+        for mode, xs in e2e.items():
+            row = rows.setdefault(mode, {"discovery_tokens_k10": None})
+            row["tokens_to_0.5"] = med(xs)
+            row["tokens_to_0.5_estimate"] = (end_to_end_estimate(p0, per_call, floor, k_star) if mode == "root_start"
+                                             and per_call else row["tokens_to_0.5"])
+    return {"H": out, "budget_tokens": discovery["budget_tokens"],
+            "end_to_end_budget_tokens": max((r["generated_tokens"] for r in runs), default=None),
+            "end_to_end_model": f"root-start: K*/p0 * tokens per call + the best prefix mode's tokens to 0.5, K*={k_star}"}
 
 
 def table(results: dict) -> str:

@@ -92,3 +92,32 @@ def test_ratios_enter_censored_root_cells_at_their_estimate_and_the_table_shows_
     assert "1/3 censored" in t and f"**{r['ratio']:.1f}x** [{r['lo']:.1f}, {r['hi']:.1f}]" in t
     plot(res, str(tmp_path / "d.png"))
     assert (tmp_path / "d.png").stat().st_size > 0
+
+
+def test_end_to_end_estimate_is_discovery_of_k_star_successes_plus_the_learning_floor():
+    from bench.discovery import end_to_end_estimate
+
+    # K*/p0 calls at 5 tokens each, plus the floor: 100 / 0.001 * 5 + 40_000
+    assert end_to_end_estimate(0.001, 5.0, 40_000.0, k_star=100) == pytest.approx(540_000)
+    assert end_to_end_estimate(0.0, 5.0, 40_000.0) is None  # no exact p0
+    assert end_to_end_estimate(0.001, 5.0, None) is None  # no prefix mode reached 0.5: no floor
+
+
+def test_quick_summary_joins_discovery_and_end_to_end_per_h_and_mode():
+    from bench.discovery import quick_summary
+
+    root8 = {**_cell(8, "root_start", 0, censored=True), "generated_tokens": 2000, "calls": 400}  # 5 tokens a call
+    disc = {"budget_tokens": 2000, "p0": {"8": {"p0": 0.004}, "10": {"p0": 0.001}},
+            "cells": [root8, {**_cell(8, "prefix_first_surprise", 200), "calls": 40},
+                      {**_cell(10, "root_start", 1000), "calls": 200}]}
+    e2e = {"runs": [
+        {"H": 8, "mode": "root_start", "seed": 0, "tokens_to_0.5": None, "generated_tokens": 60_000},
+        {"H": 8, "mode": "prefix_first_surprise", "seed": 0, "tokens_to_0.5": 30_000, "generated_tokens": 31_000}]}
+    q = quick_summary(disc, e2e, k_star=100)
+    root, fs = q["H"]["8"]["root_start"], q["H"]["8"]["prefix_first_surprise"]
+    assert root["discovery_tokens_k10"] is None and root["discovery_tokens_k10_estimate"] == 9990
+    assert root["tokens_to_0.5"] is None  # censored by the budget
+    assert root["tokens_to_0.5_estimate"] == pytest.approx(100 / 0.004 * 5 + 30_000)
+    assert fs == {"discovery_tokens_k10": 200, "tokens_to_0.5": 30_000, "tokens_to_0.5_estimate": 30_000}
+    assert q["H"]["10"] == {"root_start": {"discovery_tokens_k10": 1000}}  # discovery only at H=10
+    assert q["budget_tokens"] == 2000 and q["end_to_end_budget_tokens"] == 60_000
