@@ -302,7 +302,11 @@ def main(argv=None) -> int:
     write_result(name, results)
     plot(results, os.path.join("bench", "results", f"{name}.png"))
     if args.quick and not args.discovery_only:
-        print(json.dumps(quick_summary(results, run_end_to_end(build_h, f"{name}_end_to_end"))))
+        quick = quick_summary(results, run_end_to_end(build_h, f"{name}_end_to_end"))
+        write_result(f"{name}_two_costs", {**quick, **stamp()})
+        plot_two_costs(quick, os.path.join("bench", "results", f"{name}_two_costs.png"),
+                       f"{results['date']} {results['commit']}: one seed, base model built at H={build_h}")
+        print(json.dumps(quick))
     else:
         print(json.dumps(results["summary"]))
     return 0
@@ -530,6 +534,44 @@ def plot(results: dict, path: str) -> None:
                  fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_two_costs(quick: dict, path: str, title: str = "") -> None:
+    """The two quantities of `quick_summary` against H, log scale, one line per mode: left the discovery cost
+    (tokens to K=10 solved prompts, policy frozen), right the end-to-end cost (tokens to held-out 0.5). Filled
+    markers are measured; open markers are estimates where the budget ran out (K/p0 left, the two-cost model right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    panels = (("discovery_tokens_k10", "discovery_tokens_k10_estimate", "tokens until 10 prompts solved (frozen)"),
+              ("tokens_to_0.5", "tokens_to_0.5_estimate", "tokens until held-out success 0.5 (training)"))
+    hs = sorted(quick["H"], key=int)
+    modes = [m for m in MODES if any(m in quick["H"][h] for h in hs)]
+    for ax, (key, est, label) in zip(axes, panels):
+        for j, mode in enumerate(modes):
+            pts = [(int(h), quick["H"][h][mode]) for h in hs if mode in quick["H"][h]]
+            xs = [(h, r.get(key) if r.get(key) is not None else r.get(est), r.get(key) is None) for h, r in pts]
+            xs = [x for x in xs if x[1] is not None]
+            if not xs:
+                continue
+            ax.plot([x[0] for x in xs], [x[1] for x in xs], color=f"C{j}", marker="o", label=mode)
+            open_pts = [x for x in xs if x[2]]
+            if open_pts:
+                ax.scatter([x[0] for x in open_pts], [x[1] for x in open_pts], s=50, facecolors="white",
+                           edgecolors=f"C{j}", zorder=3)
+        ax.set_yscale("log")
+        ax.set_xlabel("horizon H")
+        ax.set_title(label + "\nopen: estimated (budget ran out)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("generated tokens")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -121,3 +121,16 @@ def test_quick_summary_joins_discovery_and_end_to_end_per_h_and_mode():
     assert fs == {"discovery_tokens_k10": 200, "tokens_to_0.5": 30_000, "tokens_to_0.5_estimate": 30_000}
     assert q["H"]["10"] == {"root_start": {"discovery_tokens_k10": 1000}}  # discovery only at H=10
     assert q["budget_tokens"] == 2000 and q["end_to_end_budget_tokens"] == 60_000
+
+
+def test_plot_two_costs_writes_a_png_with_measured_and_estimated_points(tmp_path):
+    from bench.discovery import plot_two_costs
+
+    quick = {"H": {"4": {"root_start": {"discovery_tokens_k10": 900, "tokens_to_0.5": 20_000, "tokens_to_0.5_estimate": 25_000},
+                         "prefix_first_surprise": {"discovery_tokens_k10": 300, "tokens_to_0.5": 15_000,
+                                                   "tokens_to_0.5_estimate": 15_000}},
+                   "8": {"root_start": {"discovery_tokens_k10": None, "discovery_tokens_k10_estimate": 90_000,
+                                        "tokens_to_0.5": None, "tokens_to_0.5_estimate": 400_000}}}}
+    path = tmp_path / "two.png"
+    plot_two_costs(quick, str(path), "test")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
