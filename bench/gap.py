@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.gap --quick      # H in {4, 8}, one seed, every mode, 200 updates, stop at 0.5; one JSON object
     .venv/bin/python -m bench.gap              # H in {4, 6, 8, 10, 12}, three seeds, plus every scorer/action at H=8
+    .venv/bin/python -m bench.gap --horizons 10 --modes root_start --kl-coefs 0 0.001   # the beta sweep (default 0.01)
 
 One base model, built once at the largest H (`model.build_horizon`, `--build-horizon`), serves every H: the
 prompts have that many symbols and the reward counts the first H steps, so q is the same for every H
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-variants", action="store_true", help="skip the scorer/action comparison at H=8")
     ap.add_argument("--variants-only", action="store_true", help="only the scorer/action comparison at H=8")
     ap.add_argument("--modes", nargs="*", help="run only these modes/variants (names as in the results)")
+    ap.add_argument("--kl-coefs", type=float, nargs="*", default=[],
+                    help="also run every planned mode at each of these learner.kl_coef (beta) values, named "
+                         "'<mode>,beta=<value>' (the beta sweep: does the KL pull stall root-start at large H?)")
     ap.add_argument("--variant-seeds", type=int, default=None, help="seeds of each H=8 variant (default: --seeds)")
     ap.add_argument("--build-horizon", type=int, default=None,
                     help="one base model built at this H serves every H (model.build_horizon; default: the largest H); "
@@ -166,6 +170,8 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown modes {sorted(unknown)}; known: {', '.join([*MODES, *VARIANTS_H8])}")
         plan = [x for x in plan if x[1] in args.modes]
+    plan += [(h, f"{mode},beta={b:g}", seed, [*over, f"learner.kl_coef={b}"])
+             for b in args.kl_coefs for h, mode, seed, over in list(plan)]
     from bench.common import stamp, write_result
 
     name = args.name or ("gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap")

@@ -168,8 +168,9 @@ class StoreConfig:
     max_tokens: int = 5_000_000
     """Memory bound per shard in stored tokens (~32 bytes each + node overhead); least recently used trees go first."""
     beta: Optional[float] = None
-    """Temperature of the soft-value accumulator, V = beta * log mean exp(r / beta); None: learner.kl_coef, the
-    beta of the KL-regularised objective (the soft values of that objective use the same beta)."""
+    """Temperature of the soft-value accumulator, V = beta * log mean exp(r / beta) (0: its limit, the max reward);
+    None: learner.kl_coef, the beta of the KL-regularised objective (the soft values of that objective use the same
+    beta)."""
     branch_action: str = "resample"
     """How a branch point is re-entered: `resample` the position, or `force` the best top-k alternative there."""
     step_delimiter: int = -1
@@ -357,7 +358,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "model.sft_batch_size": 1, "rollout.num_actors": 1, "rollout.num_cpus_per_actor": 0, "rollout.num_gpus_per_actor": 0,
     "rollout.top_k_logprobs": 0, "rollout.kv_cache_gib": 1, "rollout.weight_bucket_mb": 1, "rollout.max_restarts": 0,
     "rollout.request_retries": 0, "rollout.speculative_tokens": 1, "store.num_shards": 1, "store.max_branches_per_position": 1, "store.max_tokens": 1,
-    "store.snapshot_every": 0, "learner.kl_coef": 0, "learner.grad_accum_steps": 1, "learner.world_size": 1,
+    "store.snapshot_every": 0, "store.beta": 0, "learner.kl_coef": 0, "learner.grad_accum_steps": 1, "learner.world_size": 1,
     "learner.weight_decay": 0, "learner.warmup_steps": 0, "learner.decay_steps": 0, "learner.num_cpus": 0,
     "learner.num_gpus": 0, "learner.num_threads": 1, "train.steps": 1, "train.prompts_per_step": 1, "train.samples_per_request": 1,
     "train.eval_samples": 1, "train.max_policy_lag": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 0,
@@ -366,7 +367,7 @@ _AT_LEAST = {  # key: smallest allowed value (None stays allowed where the field
     "preference.head_hidden": 1, "preference.batch_size": 1, "preference.updates_per_step": 0,
     "preference.offline_updates": 0, "preference.warmup_labels": 0, "preference.num_cpus": 0, "preference.num_gpus": 0, "preference.prior_scale": 0,
 }
-_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "store.beta", "learner.lr", "learner.grad_clip", "learner.clip_ratio",
+_POSITIVE = ("model.sft_lr", "rollout.temperature", "rollout.gpu_memory_utilization", "rollout.actor_lost_after_s", "learner.lr", "learner.grad_clip", "learner.clip_ratio",
              "preference.rater_temperature", "preference.lr")
 _AT_MOST = {"task.modulus": 10, "task.heldout_size": 100_000, "model.target_q": 1.0, "rollout.gpu_memory_utilization": 1.0,
             "learner.min_lr_ratio": 1.0, "train.stop_at_success": 1.0}

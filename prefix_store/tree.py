@@ -401,7 +401,9 @@ class PrefixShard:
             c["visits"][n_] += 1
             c["reward_sum"][n_] += r.reward
             c["reward_sq"][n_] += r.reward * r.reward
-            c["soft_lse"][n_] = np.logaddexp(c["soft_lse"][n_], r.reward / self.beta)
+            # beta > 0: log sum exp(r / beta); beta = 0: the max reward (the limit of the soft value)
+            c["soft_lse"][n_] = (np.logaddexp(c["soft_lse"][n_], r.reward / self.beta) if self.beta > 0
+                                 else max(c["soft_lse"][n_], r.reward))
         c["terminal"][path[-1]] += 1
         return added
 
@@ -508,8 +510,13 @@ class PrefixShard:
         c = self.nodes
         visits = int(c["visits"][node])
         return {"visits": visits, "reward_sum": float(c["reward_sum"][node]), "reward_sq": float(c["reward_sq"][node]),
-                "soft_value": self.beta * (float(c["soft_lse"][node]) - math.log(visits)),
+                "soft_value": float(self._soft_value(c["soft_lse"][node], visits)),
                 "version": int(c["version"][node]), "actor": int(c["actor"][node])}
+
+    def _soft_value(self, lse, visits):
+        """V = beta * (log sum exp(r / beta) - log visits) = beta log mean exp(r / beta); at beta = 0 its limit, the
+        max reward (what `soft_lse` holds then)."""
+        return self.beta * (lse - np.log(visits)) if self.beta > 0 else lse
 
     def soft_values(self, items: list[tuple[str, list[int], int]]) -> list[list[float]]:
         """For each (root_id, continuation, start): V(s_d) for d = start, ..., len(continuation) - 1.
@@ -533,7 +540,7 @@ class PrefixShard:
                 owners += [child] * n
                 node, i = child, i + n
             ids = np.asarray([root.node] + owners[:-1], dtype=np.int64)[start:]  # node holding s_d's statistics
-            v = self.beta * (c["soft_lse"][ids] - np.log(np.maximum(c["visits"][ids], 1)))
+            v = self._soft_value(c["soft_lse"][ids], np.maximum(c["visits"][ids], 1))
             out.append(v.tolist())
         return out
 

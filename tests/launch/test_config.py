@@ -13,6 +13,12 @@ def test_defaults_and_override():
     assert cfg.train.steps == 3 and cfg.store.scorer == "random"
 
 
+def test_no_kl_derives_the_hard_max_soft_value():
+    """learner.kl_coef=0 (no KL) loads: the store's soft-value temperature it derives is 0, the max reward."""
+    cfg = load_config("configs/default.yaml", ["learner.kl_coef=0"])
+    assert cfg.learner.kl_coef == 0 and cfg.store.beta == 0
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["train.stepz=3"], "unknown config key 'train.stepz'; valid keys here: .*steps"),
     (["train.steps=abc"], "invalid config"),
@@ -20,6 +26,7 @@ def test_defaults_and_override():
     (["model.path=/no/such/model"], "model.path='/no/such/model' does not exist"),
     (["nonsense"], "not of the form key=value"),
     (["store.scorer_weights={combined: 1.0}"], "store.scorer_weights names combined, not scorers"),
+    (["store.beta=-1"], r"store.beta=-1.0 must be >= 0"),
 ])
 def test_bad_overrides_are_named(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -193,6 +193,19 @@ def test_soft_values_along_a_path():
         s.soft_values([("a", [6], 0)])
 
 
+def test_soft_values_at_beta_zero_are_the_max_reward_below_each_node():
+    """beta -> 0 is the hard max (learner.kl_coef=0 derives store.beta=0): V(s) = max r over the rollouts through s."""
+    s = shard(beta=0.0)
+    s.insert([rollout("a", [3, 5, 8], 1.0), rollout("a", [3, 5, 9], 0.25), rollout("a", [4], 0.5)])
+    (vals,) = s.soft_values([("a", [3, 5, 9], 0)])
+    assert vals == pytest.approx([1.0, 1.0, 1.0])
+    (other,) = s.soft_values([("a", [4], 0)])
+    assert other == pytest.approx([1.0])  # only the prompt: the max over all three
+    s.insert([rollout("b", [7, 7], 0.25), rollout("b", [7, 6], 0.0)])
+    (b,) = s.soft_values([("b", [7, 6], 1)])
+    assert b == pytest.approx([0.25]) and all(math.isfinite(v) for v in b)
+
+
 def test_top_m_equals_sorting_by_score_then_index_whatever_dead_rows_sit_between():
     rng = np.random.default_rng(0)
     for _ in range(200):
