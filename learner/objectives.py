@@ -114,8 +114,10 @@ def soft_value(rewards: torch.Tensor, beta: float) -> torch.Tensor:
     The value of the KL-regularised objective at state s when the
     continuations are drawn from the reference policy:
     V(s) = max_pi E_pi[r] - beta KL(pi || pi_ref) = beta log E_{pi_ref}[exp(r / beta)].
-    It lies between mean(r) (beta -> inf) and max(r) (beta -> 0).
+    It lies between mean(r) (beta -> inf) and max(r) (beta -> 0, returned at beta = 0).
     """
+    if beta == 0:
+        return rewards.max()
     n = torch.tensor(float(rewards.numel()), dtype=rewards.dtype)
     return beta * (torch.logsumexp(rewards / beta, dim=0) - n.log())
 

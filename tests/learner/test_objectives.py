@@ -130,6 +130,7 @@ def test_soft_value_by_hand_and_limits():
     assert float(soft_value(r, 1.0)) == pytest.approx(math.log((math.e + 1) / 2))
     assert float(soft_value(r, 1e3)) == pytest.approx(0.5, abs=1e-3)  # beta -> inf: the mean
     assert float(soft_value(r, 1e-3)) == pytest.approx(1.0, abs=1e-2)  # beta -> 0: the max
+    assert float(soft_value(r, 0.0)) == 1.0  # beta = 0: the max itself
     rng = np.random.default_rng(4)
     x = rng.normal(size=9)
     want = 0.3 * math.log(sum(math.exp(v / 0.3) for v in x) / len(x))
