@@ -42,6 +42,9 @@ from bench.gap import MODES as GAP_MODES
 MODES = {**GAP_MODES,  # the gap benchmark's modes, and the seed paper's frontier rule (prefix_store/frontier.py)
          "prefix_frontier": ["store.branch_fraction=0.5", "store.scorer=frontier", "store.branch_action=resample"]}
 
+QUICK_MODES = ("root_start", "prefix_first_surprise", "prefix_frontier")
+"""--quick's discovery modes: root-start, the best prefix mode of the gap runs, the seed paper's rule (the
+uncertainty and random scorers took 2-3 min a cell at H=8-10, past the 15-minute limit)."""
 KS = (1, 10, 100)
 PROMPTS, SAMPLES = 16, 4  # requests per round and continuations per request (the training defaults)
 TOKENS_PER_S = 2500  # rough vLLM CPU throughput on the tiny model, for the time estimate printed before the start
@@ -193,8 +196,9 @@ def run_cell(group, task, store, *, mode: str, seed: int, budget: int, branch_fr
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="discovery at H in {4, 8, 10} and end to end at H in {4, 8} (bench.gap, root-start and "
-                         "first-surprise), one seed, on the H=12 base model; one JSON line")
+                    help="discovery at H in {4, 8, 10} (root-start, first-surprise, frontier; 100K-token budget) and "
+                         "end to end at H in {4, 8} (bench.gap, root-start and first-surprise), one seed, on the "
+                         "H=12 base model; one JSON line")
     ap.add_argument("--discovery-only", action="store_true", help="with --quick: no end-to-end runs")
     ap.add_argument("--horizons", type=int, nargs="*")
     ap.add_argument("--build-horizon", type=int, help="horizon of the one base model (default: the largest H)")
@@ -216,12 +220,12 @@ def main(argv=None) -> int:
     horizons = args.horizons or ([4, 8, 10] if args.quick else [4, 6, 8, 10, 12, 14])
     build_h = args.build_horizon or (12 if args.quick else max(horizons))
     seeds = range(args.seeds or (1 if args.quick else 3))
-    modes = args.modes or list(MODES)
+    modes = args.modes or (list(QUICK_MODES) if args.quick else list(MODES))
     unknown = sorted(set(modes) - set(MODES))
     if unknown or build_h < max(horizons):
         ap.error(f"unknown modes {unknown}; known: {', '.join(MODES)}" if unknown else
                  f"--build-horizon {build_h} must be >= the largest H {max(horizons)}")
-    budget = args.budget or (200_000 if args.quick else 3_000_000)
+    budget = args.budget or (100_000 if args.quick else 3_000_000)
     name = args.name or ("discovery_quick" if args.quick else "discovery")
     path = os.path.join("bench", "results", f"{name}.json")
     results = {"cells": []}
