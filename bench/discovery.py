@@ -546,20 +546,26 @@ def plot(results: dict, path: str) -> None:
 def plot_two_costs(quick: dict, path: str, title: str = "") -> None:
     """The two quantities of `quick_summary` against H, log scale, one line per mode: left the discovery cost
     (tokens to K=10 solved prompts, policy frozen), right the end-to-end cost (tokens to held-out 0.5). Filled
-    markers are measured; open markers are estimates where the budget ran out (K/p0 left, the two-cost model right)."""
+    markers are measured; open markers are estimates where the budget ran out (K/p0 left, the two-cost model right);
+    an x at the budget marks a run that reached neither."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-    panels = (("discovery_tokens_k10", "discovery_tokens_k10_estimate", "tokens until 10 prompts solved (frozen)"),
-              ("tokens_to_0.5", "tokens_to_0.5_estimate", "tokens until held-out success 0.5 (training)"))
+    panels = (("discovery_tokens_k10", "discovery_tokens_k10_estimate", "tokens until 10 prompts solved (frozen)",
+               quick.get("budget_tokens")),
+              ("tokens_to_0.5", "tokens_to_0.5_estimate", "tokens until held-out success 0.5 (training)",
+               quick.get("end_to_end_budget_tokens")))
     hs = sorted(quick["H"], key=int)
     modes = [m for m in MODES if any(m in quick["H"][h] for h in hs)]
-    for ax, (key, est, label) in zip(axes, panels):
+    for ax, (key, est, label, budget) in zip(axes, panels):
         for j, mode in enumerate(modes):
             pts = [(int(h), quick["H"][h][mode]) for h in hs if mode in quick["H"][h]]
+            missed = [h for h, r in pts if key in r and r[key] is None and r.get(est) is None]
+            if missed and budget:  # neither measured nor estimated: at least the budget
+                ax.scatter(missed, [budget] * len(missed), marker="x", color=f"C{j}", zorder=3)
             xs = [(h, r.get(key) if r.get(key) is not None else r.get(est), r.get(key) is None) for h, r in pts]
             xs = [x for x in xs if x[1] is not None]
             if not xs:
@@ -571,7 +577,7 @@ def plot_two_costs(quick: dict, path: str, title: str = "") -> None:
                            edgecolors=f"C{j}", zorder=3)
         ax.set_yscale("log")
         ax.set_xlabel("horizon H")
-        ax.set_title(label + "\nopen: estimated (budget ran out)", fontsize=8)
+        ax.set_title(label + "\nopen: estimated (budget ran out); x: not reached, at the budget", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("generated tokens")
     axes[0].legend(fontsize=7)
