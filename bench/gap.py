@@ -21,6 +21,9 @@ Held-out root-start success is measured every `--eval-every` steps; the
 result of a run is the number of generated training tokens (and sampled
 continuations) when it first reaches 0.5 and 0.9, or null.
 
+Resumable: a rerun with the same name and settings (updates, evaluation interval, stop threshold, base model)
+skips the (H, mode, seed) runs already in its results file; `--fresh` starts it over.
+
 One engine serves every run: between runs it is given the next base
 model's weights and task (same architecture for every H), so a run costs
 a learner start (seconds), not an engine start (a minute).
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--build-horizon", type=int, default=None,
                     help="one base model built at this H serves every H (model.build_horizon; default: the largest H); "
                          "0: a base model per H, as the runs recorded before 2026-12-02")
+    ap.add_argument("--fresh", action="store_true", help="start the results file over instead of resuming it")
     ap.add_argument("--out", default="runs/bench_gap")
     ap.add_argument("--name", help="results file stem under bench/results (default: gap, gap_quick or gap_variants)")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -143,6 +147,23 @@ def main(argv=None) -> int:
         if build_h < max(horizons):
             ap.error(f"--build-horizon {build_h} must be >= the largest H {max(horizons)} (or 0)")
         common.append(f"model.build_horizon={build_h}")
+    from bench.common import stamp, write_result
+
+    name = args.name or ("gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap")
+    settings = {"steps": steps, "eval_every": args.eval_every, "stop_at": stop_at, "build_horizon": build_h}
+    results: dict = {"runs": [], "started": stamp(), "settings": settings}  # the top-level stamp is taken at the end
+    path = os.path.join("bench", "results", f"{name}.json")
+    done: set = set()
+    if os.path.isfile(path) and not args.fresh:  # resume: the runs already measured are kept, not redone
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("settings") != settings:
+            print(f"error: {path} holds runs of other settings ({old.get('settings', 'not recorded')}; asked "
+                  f"{settings}): pass --fresh to start it over, or another --name", file=sys.stderr)
+            return 2
+        old.pop("partial", None)
+        results = {**old, "started": old.get("started", results["started"])}
+        done = {(r["H"], r["mode"], r["seed"]) for r in results["runs"]}
     t_start = time.time()
     models, reports = {}, {}
     for h in horizons:  # base models first (cached), each at the same target q
@@ -172,10 +193,9 @@ def main(argv=None) -> int:
         plan = [x for x in plan if x[1] in args.modes]
     plan += [(h, f"{mode},beta={b:g}", seed, [*over, f"learner.kl_coef={b}"])
              for b in args.kl_coefs for h, mode, seed, over in list(plan)]
-    from bench.common import stamp, write_result
-
-    name = args.name or ("gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap")
-    results: dict = {"runs": [], "started": stamp()}  # the code that ran; the top-level stamp is taken at the end
+    if done:
+        plan = [x for x in plan if x[:3] not in done]
+        log(f"[gap] resuming {path}: {len(done)} runs kept, {len(plan)} to run")
     for i, (h, mode, seed, over) in enumerate(plan):
         cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *over])
         run_dir = os.path.join(args.out, f"h{h}_{mode}_s{seed}")
@@ -190,7 +210,7 @@ def main(argv=None) -> int:
     ray.shutdown()
 
     budget = steps * base_cfg.train.prompts_per_step * base_cfg.train.samples_per_request
-    results.update(horizons=horizons, seeds=seeds, steps_budget=steps, budget_samples=budget,
+    results.update(horizons=sorted({r["H"] for r in results["runs"]}), seeds=seeds, steps_budget=steps, budget_samples=budget,
                    base_models={h: {k: reports[h].get(k) for k in ("measured_q", "heldout_root_success", "target_q")}
                                 for h in horizons},
                    seconds=round(time.time() - t_start, 1), quick=args.quick)

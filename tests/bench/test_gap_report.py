@@ -38,3 +38,26 @@ def test_report_merges_files_later_runs_replacing_earlier_ones_partial_files_inc
     # seeds 0, 1 (from the later file), 2: median of (inf, 50 K, 60 K) is 60 K
     assert row.startswith("| 8 | root_start | 3 | 60K; -, 50K, 60K |") and "0.50, 0.70, 0.50" in row, row
     assert "(partial: 1/4 runs)" in out and (tmp_path / "merged.png").stat().st_size > 0
+
+
+def test_a_results_file_of_other_settings_is_not_resumed(tmp_path, capsys):
+    """bench.gap resumes a results file only when its settings match; otherwise one line, exit 2, before any
+    engine starts, and the file is left as it was."""
+    import json
+    import os
+
+    from bench import gap
+
+    name = f"test_gap_resume_{os.getpid()}"
+    path = os.path.join("bench", "results", f"{name}.json")
+    old = {"runs": [], "settings": {"steps": 5, "eval_every": 10, "stop_at": 0.5, "build_horizon": 4}}
+    with open(path, "w") as f:
+        json.dump(old, f)
+    try:
+        rc = gap.main(["--quick", "--horizons", "4", "--steps", "7", "--name", name])
+        err = capsys.readouterr().err
+        assert rc == 2 and "holds runs of other settings" in err and "--fresh" in err
+        with open(path) as f:
+            assert json.load(f) == old
+    finally:
+        os.remove(path)
