@@ -55,6 +55,11 @@ VARIANTS_H8 = {  # every scorer with each branch action, and soft-value advantag
 }
 
 
+SECONDS_PER_UPDATE = 0.75
+"""One update with its share of the evaluations, default sizes, 2 CPU cores (H = 8-10, 2026-12-03): for the time
+estimate printed before the runs start."""
+
+
 def first_reaching(evals: list, threshold: float):
     """Generated tokens at the first evaluation whose held-out success is >= threshold (None if never)."""
     return next((tok for tok, s in evals if s >= threshold), None)
@@ -196,6 +201,8 @@ def main(argv=None) -> int:
     if done:
         plan = [x for x in plan if x[:3] not in done]
         log(f"[gap] resuming {path}: {len(done)} runs kept, {len(plan)} to run")
+    log(f"[gap] {len(plan)} runs; at most {len(plan) * steps * SECONDS_PER_UPDATE / 60:.0f} min at ~{SECONDS_PER_UPDATE} s "
+        f"an update with evaluations (runs stop early at held-out {stop_at}), plus ~1 min of start-up")
     for i, (h, mode, seed, over) in enumerate(plan):
         cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *over])
         run_dir = os.path.join(args.out, f"h{h}_{mode}_s{seed}")
