@@ -66,7 +66,7 @@ def invariants(cfg) -> None:
     assert tr.stop_at_success is None or 0 <= tr.stop_at_success <= 1
     assert lr.lr > 0 and lr.grad_clip > 0 and lr.kl_coef >= 0 and lr.clip_ratio > 0 and lr.num_cpus >= 0
     assert lr.warmup_steps >= 0 and lr.decay_steps >= 0 and 0 <= lr.min_lr_ratio <= 1 and lr.weight_decay >= 0
-    assert st_.num_shards >= 1 and st_.max_branches_per_position >= 1 and st_.max_tokens >= 1 and st_.beta > 0
+    assert st_.num_shards >= 1 and st_.max_branches_per_position >= 1 and st_.max_tokens >= 1 and st_.beta >= 0
     assert st_.snapshot_every >= 0 and set(st_.scorer_weights) <= set(__import__("prefix_store.scoring").scoring.SCORERS) - {"combined"}
     assert ro.num_actors >= 1 and ro.temperature > 0 and ro.top_k_logprobs >= 0 and ro.kv_cache_gib >= 1
     assert ro.max_restarts >= 0 and ro.request_retries >= 0 and ro.weight_bucket_mb >= 1
