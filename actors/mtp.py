@@ -29,11 +29,13 @@ Proposers (where the tree comes from) share this verifier:
 KV cache: one `transformers.DynamicCache` per sequence. After a call the cache holds the committed tokens and the
 call's tree and probe nodes; the nodes are cropped (`DynamicCache.crop(-n)`) and the accepted tokens + bonus are fed
 as the next call's pending tokens (their KV is recomputed once, inside the next call, instead of being gathered
-out of the tree). Batch size 1 only.
+out of the tree). `decode_batch` serves several sequences in one forward pass per call (one cache; each row's
+padding slots masked out, `batch_step_mask`); `decode` is its batch of one.
 
-Pure parts (`DraftTree`, `build_tree`, `step_mask`, `accept_greedy`, `accept_sample`, `sample_residual`) take plain
-lists / tensors; `decode` needs a Hugging Face causal LM that accepts `inputs_embeds`, a custom 4D
-`attention_mask` and explicit `position_ids` (Llama does). No Ray, vLLM or DeepSpeed.
+Pure parts (`DraftTree`, `build_tree`, `step_mask`, `batch_step_mask`, `accept_greedy`, `accept_sample`,
+`sample_residual`) take plain lists / tensors; `decode` and `decode_batch` need a Hugging Face causal LM that
+accepts `inputs_embeds`, a custom 4D `attention_mask` and explicit `position_ids` (Llama does). No Ray, vLLM or
+DeepSpeed.
 """
 from __future__ import annotations
 
@@ -267,29 +269,71 @@ class MaskProbe(Proposer):
         self._guess = (top.indices.tolist(), top.values.tolist())
 
 
+def batch_step_mask(key_valid: torch.Tensor, num_cached: list[int], num_pending: list[int],
+                    parents: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Attention mask and positions of one decoding call over a batch of sequences of different lengths.
+
+    The cache holds L slots per row, `key_valid` (B, L) says which of row i's slots are its committed tokens (the
+    others are padding of earlier calls). The call's queries are a pending block of P = max(num_pending) slots (row
+    i's pending tokens in the first num_pending[i]) and a node block of M = max(len(parents[i])) slots (row i's
+    tree and probe nodes first); keys are the L cache slots, then the same P + M slots. A real query of row i sees
+    its row's valid cache slots and, within the call, what `step_mask` allows; a padding query sees only itself.
+    Positions count row i's committed tokens: pending j at num_cached[i] + j, a node at depth d at
+    num_cached[i] + num_pending[i] + d (padding: 0). A row with num_pending[i] = 0 (finished) is all padding.
+
+    Returns (allowed (B, P+M, L+P+M) bool, positions (B, P+M) long, P, M).
+    """
+    b, cache_len = key_valid.shape
+    if not (len(num_cached) == len(num_pending) == len(parents) == b):
+        raise ValueError(f"batch_step_mask: {b} rows of key_valid but {len(num_cached)}, {len(num_pending)}, "
+                         f"{len(parents)} rows of num_cached, num_pending, parents")
+    pmax = max(num_pending, default=0)
+    mmax = max((len(par) if p else 0 for p, par in zip(num_pending, parents)), default=0)
+    q = pmax + mmax
+    allowed = torch.zeros(b, q, cache_len + q, dtype=torch.bool)
+    positions = torch.zeros(b, q, dtype=torch.long)
+    diag = torch.arange(q)
+    allowed[:, diag, cache_len + diag] = True  # padding sees itself (real rows are overwritten below)
+    for i in range(b):
+        p = num_pending[i]
+        if p == 0:
+            continue
+        m = len(parents[i])
+        local, pos = step_mask(0, p, parents[i])  # (p + m, p + m) over [pending | nodes]
+        slots = torch.cat([torch.arange(p), pmax + torch.arange(m)])  # where row i's queries / keys sit
+        allowed[i, slots, :cache_len] = key_valid[i]
+        allowed[i, slots[:, None], cache_len + slots[None, :]] = local
+        positions[i, slots] = pos + num_cached[i]
+    return allowed, positions, pmax, mmax
+
+
 @dataclass
 class DecodeStats:
-    """What one `decode` call measured."""
+    """What one `decode` / `decode_batch` call measured."""
     new_tokens: int = 0
+    """Tokens emitted, summed over the batch."""
     calls: int = 0
-    """Forward passes of the target (the prefill included)."""
+    """Forward passes of the target (the prefill included); one per call whatever the batch size."""
+    row_calls: int = 0
+    """Sequences served, summed over calls (a finished sequence is no longer served); = calls at batch 1."""
     accepted_drafts: int = 0
-    """Draft tokens accepted (new_tokens - calls, up to truncation at eos / the length limit)."""
+    """Draft tokens accepted (new_tokens - row_calls, up to truncation at eos / the length limit)."""
     tree_nodes: int = 0
-    """Tree nodes verified, summed over calls (probe nodes not counted)."""
+    """Tree nodes verified, summed over calls and sequences (probe nodes not counted)."""
     seconds: float = 0.0
 
     @property
     def tokens_per_call(self) -> float:
-        return self.new_tokens / max(self.calls, 1)
+        """Accepted tokens per target call of one sequence (batch 1: per forward pass)."""
+        return self.new_tokens / max(self.row_calls, 1)
 
 
 def _causal_lm_call(model, cache, embeds, allowed, positions):
     neg = torch.finfo(embeds.dtype).min
-    mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, neg)[None, None]  # (1,1,Q,K)
-    out = model(inputs_embeds=embeds[None], attention_mask=mask, position_ids=positions[None],
-                past_key_values=cache, use_cache=True)
-    return out.logits[0]  # (Q, V)
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, neg)[:, None]  # (B,1,Q,K)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True)
+    return out.logits  # (B, Q, V)
 
 
 @torch.no_grad()
@@ -299,47 +343,90 @@ def decode(model, prompt_ids: list[int], *, max_new_tokens: int, proposer: Propo
     """Generate up to `max_new_tokens` after `prompt_ids` (stops after `eos_token_id`), one tree per call.
 
     temperature 0: greedy (same tokens as plain greedy decoding, up to float ties); > 0: samples softmax(logits / T)
-    exactly (the lossless rule above). Returns (new token ids, stats)."""
+    exactly (the lossless rule above). Returns (new token ids, stats). `decode_batch` of one sequence."""
+    outs, stats = decode_batch(model, [prompt_ids], max_new_tokens=max_new_tokens, proposers=[proposer or Proposer()],
+                               temperature=temperature, eos_token_id=eos_token_id, generator=generator)
+    return outs[0], stats
+
+
+@torch.no_grad()
+def decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, proposers: list[Proposer] | None = None,
+                 temperature: float = 0.0, eos_token_id: int | None = None, generator: torch.Generator | None = None
+                 ) -> tuple[list[list[int]], DecodeStats]:
+    """`decode` for several sequences in one forward pass per call, each with its own proposer (proposers keep
+    per-sequence state: pass one object per prompt).
+
+    One `DynamicCache` holds every row. A call appends a pending block (padded to the longest row's pending
+    tokens) and a node block; after the call the node block is cropped for every row, and the padding slots of
+    the pending block stay in the cache, masked out of every later query (`batch_step_mask`'s key_valid). A
+    finished sequence (eos or max_new_tokens) is padding in the calls after it."""
     from transformers import DynamicCache
 
-    proposer = proposer or Proposer()
+    b = len(prompts)
+    proposers = proposers if proposers is not None else [Proposer() for _ in range(b)]
+    if len(proposers) != b or len({id(p) for p in proposers}) != b:
+        raise ValueError(f"decode_batch needs one distinct proposer per prompt ({b} prompts, {len(proposers)} "
+                         f"proposers, {len({id(p) for p in proposers})} distinct)")
     embed = model.get_input_embeddings()
     cache = DynamicCache(config=model.config)
-    committed, cached, out = list(prompt_ids), 0, []
+    committed = [list(p) for p in prompts]
+    cached = [0] * b  # committed tokens of row i already in the cache
+    outs: list[list[int]] = [[] for _ in range(b)]
+    done = [max_new_tokens <= 0] * b
+    key_valid = torch.zeros(b, 0, dtype=torch.bool)
     stats = DecodeStats()
-    proposer.start(list(prompt_ids), embed)
+    for prop, p in zip(proposers, prompts):
+        prop.start(list(p), embed)
     t0 = time.perf_counter()
-    while len(out) < max_new_tokens:
-        tree = proposer.draft(committed)
-        pending = committed[cached:]
-        probe_parents = proposer.probe_parents(tree)
-        k = len(probe_parents)
-        allowed, positions = step_mask(cached, len(pending), tree.parents + probe_parents)
-        parts = [embed(torch.tensor(pending + tree.tokens, dtype=torch.long))]
-        if k:
-            parts.append(proposer.probe_embedding()[None].expand(k, -1))
-        logits = _causal_lm_call(model, cache, torch.cat(parts), allowed, positions)  # (P + N + k, V)
-        p, n = len(pending), len(tree)
-        target = logits[p - 1:p + n].float()  # (1 + N, V): root, then each tree node
-        if temperature > 0:
-            path, bonus = accept_sample(tree, torch.softmax(target / temperature, dim=-1), generator)
-        else:
-            path, bonus = accept_greedy(tree, target.argmax(-1).tolist())
-        new = [tree.tokens[j] for j in path] + [bonus]
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[:new.index(eos_token_id) + 1]
-        new = new[:max_new_tokens - len(out)]
-        if n + k:
-            cache.crop(-(n + k))
-        cached = len(committed)
-        committed += new
-        out += new
+    while not all(done):
+        trees, pendings, probes = [], [], []
+        for i in range(b):
+            tree = DraftTree() if done[i] else proposers[i].draft(committed[i])
+            trees.append(tree)
+            pendings.append([] if done[i] else committed[i][cached[i]:])
+            probes.append([] if done[i] else proposers[i].probe_parents(tree))
+        parents = [t.parents + pp for t, pp in zip(trees, probes)]
+        allowed, positions, pmax, mmax = batch_step_mask(key_valid, cached, [len(p) for p in pendings], parents)
+        rows = []
+        for i in range(b):
+            ids = torch.zeros(pmax + mmax, dtype=torch.long)  # padding slots: token 0, masked out
+            ids[:len(pendings[i])] = torch.tensor(pendings[i], dtype=torch.long)
+            ids[pmax:pmax + len(trees[i])] = torch.tensor(trees[i].tokens, dtype=torch.long)
+            row = embed(ids)
+            if probes[i]:
+                start = pmax + len(trees[i])
+                row[start:start + len(probes[i])] = proposers[i].probe_embedding()
+            rows.append(row)
+        logits = _causal_lm_call(model, cache, torch.stack(rows), allowed, positions)  # (B, P + M, V)
+        if mmax:
+            cache.crop(-mmax)
+        pending_valid = torch.arange(pmax)[None, :] < torch.tensor([len(p) for p in pendings])[:, None]
+        key_valid = torch.cat([key_valid, pending_valid], dim=1)
         stats.calls += 1
-        stats.tree_nodes += n
-        stats.accepted_drafts += len(new) - 1
-        if out[-1:] == [eos_token_id]:
-            break
-        proposer.observe(new, path, logits[p + n:] if k else None)
-    stats.new_tokens = len(out)
+        for i in range(b):
+            if done[i]:
+                continue
+            p, n, k = len(pendings[i]), len(trees[i]), len(probes[i])
+            target = torch.cat([logits[i, p - 1:p], logits[i, pmax:pmax + n]]).float()  # (1 + N, V): root, nodes
+            if temperature > 0:
+                path, bonus = accept_sample(trees[i], torch.softmax(target / temperature, dim=-1), generator)
+            else:
+                path, bonus = accept_greedy(trees[i], target.argmax(-1).tolist())
+            new = [trees[i].tokens[j] for j in path] + [bonus]
+            if eos_token_id is not None and eos_token_id in new:
+                new = new[:new.index(eos_token_id) + 1]
+            new = new[:max_new_tokens - len(outs[i])]
+            cached[i] = len(committed[i])
+            committed[i] += new
+            outs[i] += new
+            stats.row_calls += 1
+            stats.tree_nodes += n
+            stats.accepted_drafts += len(new) - 1
+            if outs[i][-1:] == [eos_token_id] or len(outs[i]) >= max_new_tokens:
+                done[i] = True
+            else:
+                probe_logits = logits[i, pmax + n:pmax + n + k] if k else None
+                proposers[i].observe(new, path, probe_logits)
+    stats.new_tokens = sum(len(o) for o in outs)
     stats.seconds = time.perf_counter() - t0
-    return out, stats
+    return outs, stats

@@ -8,6 +8,10 @@ Side by side, same model, prompts and process (timings are ratios measured inter
               arXiv 2603.17942) vs `actors.drafts.SuffixDraft` on the sequence itself (prompt lookup) and on earlier
               rollouts of the same prompt (4 samples at temperature 1 made beforehand, as the prefix store holds
               them). Accepted tokens per target call, tokens/s, and whether the tokens equal plain greedy's.
+  batched     the same HF model and proposers through `actors.mtp.decode_batch` at batch sizes 1, 4, 8 (the
+              rollout side: one forward pass serves every sequence, each with its own tree); for each batch size,
+              chunk by chunk, every proposer in turn on the same prompts: tokens/s over the batch, accepted tokens
+              per sequence per call, and whether each row equals plain greedy's tokens.
   lossless    temperature 1, fixed torch generators: the first `tokens` sampled tokens of one prompt, many times,
               from a plain batched sampling loop (the reference) and from `actors.mtp.decode` with each proposer; per
               position a chi-square test of homogeneity (categories under 5 expected pooled); passes when every
@@ -30,7 +34,7 @@ import time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SECTIONS = ("greedy", "lossless", "vllm")
+SECTIONS = ("greedy", "batched", "lossless", "vllm")
 
 
 def log(msg: str) -> None:
@@ -93,6 +97,46 @@ def greedy_section(model, tok, prompts, max_new: int, store_samples: int, quick:
                      "ms_per_call": round(1000 * sum(r["seconds"]) / sum(r["calls"]), 1),
                      "tree_nodes_per_call": round(sum(r["nodes"]) / sum(r["calls"]), 2),
                      "identical_to_plain_greedy": all(r["same"]), "tokens": sum(r["tokens"])}
+    return res
+
+
+def batched_section(model, tok, prompts, max_new: int, batch_sizes: tuple[int, ...]) -> dict:
+    import torch
+
+    from actors.drafts import SuffixDraft
+    from actors.mtp import MaskProbe, Proposer, decode_batch
+
+    gen = torch.Generator().manual_seed(0)
+    earlier, _ = decode_batch(model, prompts, max_new_tokens=max_new, temperature=1.0, generator=gen,
+                              eos_token_id=tok.eos_token_id)  # one sampled rollout per prompt, as the store holds
+    makers = {"plain": lambda i: Proposer(), "mask_probe": lambda i: MaskProbe(k=4, top_k=3, max_nodes=12),
+              "prompt_lookup": lambda i: SuffixDraft(),
+              "rollout_store": lambda i: SuffixDraft([prompts[i] + earlier[i]])}
+    res: dict = {"prompts": len(prompts), "max_new_tokens": max_new, "store_samples_per_prompt": 1}
+    for bs in batch_sizes:
+        rows = {name: {"tokens": 0, "row_calls": 0, "calls": 0, "seconds": 0.0, "outs": []} for name in makers}
+        for start in range(0, len(prompts), bs):
+            idx = list(range(start, min(start + bs, len(prompts))))
+            for name, make in makers.items():  # interleaved chunk by chunk: the ratios share the machine's state
+                outs, st = decode_batch(model, [prompts[i] for i in idx], max_new_tokens=max_new,
+                                        proposers=[make(i) for i in idx], eos_token_id=tok.eos_token_id)
+                r = rows[name]
+                r["tokens"] += st.new_tokens
+                r["row_calls"] += st.row_calls
+                r["calls"] += st.calls
+                r["seconds"] += st.seconds
+                r["outs"] += outs
+        plain = rows["plain"]
+        plain_tps = plain["tokens"] / plain["seconds"]
+        res[f"batch{bs}"] = {name: {
+            "tokens_per_s": round(r["tokens"] / r["seconds"], 2),
+            "speedup": round(r["tokens"] / r["seconds"] / plain_tps, 3),
+            "accepted_tokens_per_call": round(r["tokens"] / r["row_calls"], 3),
+            "forward_passes": r["calls"], "tokens": r["tokens"],
+            "identical_to_plain_greedy": r["outs"] == plain["outs"]} for name, r in rows.items()}
+        log(f"batched {bs}: " + ", ".join(f"{k} {v['tokens_per_s']} tok/s ({v['speedup']}x, "
+                                           f"{v['accepted_tokens_per_call']}/call)"
+                                           for k, v in res[f"batch{bs}"].items()))
     return res
 
 
@@ -235,7 +279,7 @@ def main(argv=None) -> int:
     path = ensure_model("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
     q = args.quick
-    prompts = gsm_prompts(tok, 3 if q else 12)
+    prompts = gsm_prompts(tok, 4 if q else 12)
     name = "mtp_quick" if q else "mtp"
     result: dict = {"model": "SmolLM2-135M-Instruct (float32)", "task": "reasoning_gym gsm_symbolic", "quick": q,
                     "threads": torch.get_num_threads()}
@@ -245,12 +289,16 @@ def main(argv=None) -> int:
             old = json.load(f)
         result.update({k: old[k] for k in SECTIONS if k in old and k not in sections})
         result["earlier_sections_from"] = {k: old.get("commit") for k in SECTIONS if k in old and k not in sections}
-    if {"greedy", "lossless"} & set(sections):
+    if {"greedy", "batched", "lossless"} & set(sections):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         if "greedy" in sections:
             result["greedy"] = greedy_section(model, tok, prompts[:2] if q else prompts, 64 if q else 192,
                                               1 if q else 4, q)
             write_result(name, result)  # each section lands as soon as it is measured
+        if "batched" in sections:
+            result["batched"] = batched_section(model, tok, prompts[:4] if q else prompts[:8], 48 if q else 96,
+                                                (1, 4) if q else (1, 4, 8))
+            write_result(name, result)
         if "lossless" in sections:
             result["lossless"] = lossless_section(model, tok, prompts[0], 4 if q else 6, 400 if q else 2000,
                                                   60 if q else 400)
@@ -267,6 +315,9 @@ def main(argv=None) -> int:
             line[f"{key}speedup_batch1"] = g[name]["speedup_batch1"]
         if name in ll:
             line[f"{key}lossless"] = ll[name]["passed"]
+    for key, b in result.get("batched", {}).items():
+        if key.startswith("batch") and key != "batch1":
+            line[f"speedup_{key}"] = {k: v["speedup"] for k, v in b.items() if k != "plain"}
     if "vllm" in result:
         v = result["vllm"]["ngram"]
         line.update({"vllm_ngram_accepted_tokens_per_call": v.get("accepted_tokens_per_call"),

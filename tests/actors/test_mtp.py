@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from actors.mtp import PROBE, DraftTree, accept_greedy, accept_sample, build_tree, depths, sample_residual, step_mask
+from actors.mtp import (PROBE, DraftTree, accept_greedy, accept_sample, batch_step_mask, build_tree, depths,
+                        sample_residual, step_mask)
 
 #        root
 #       /    \
@@ -43,6 +44,23 @@ def test_step_mask_without_tree_is_causal():
     assert pos.tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="at least one pending"):
         step_mask(2, 0, [])
+
+
+def test_batch_step_mask_places_each_row_like_step_mask():
+    """Row 0: 2 pending + TREE, 3 valid of 4 cache slots; row 1: 1 pending, no nodes, 2 valid slots; row 2 finished."""
+    key_valid = torch.tensor([[True, False, True, True], [True, True, False, False], [True, True, True, True]])
+    allowed, pos, pmax, mmax = batch_step_mask(key_valid, [3, 2, 4], [2, 1, 0], [TREE.parents, [], [1, 2]])
+    assert (pmax, mmax) == (2, 6) and allowed.shape == (3, 8, 12) and pos.shape == (3, 8)
+    ref, ref_pos = step_mask(0, 2, TREE.parents)
+    assert torch.equal(allowed[0, :, 4:], ref) and pos[0].tolist() == (ref_pos + 3).tolist()
+    assert torch.equal(allowed[0, :, :4], key_valid[0].expand(8, 4))  # every real query: its row's valid slots
+    # row 1: its pending token at slot 0 sees its valid slots and itself; every other slot is padding
+    assert allowed[1, 0].tolist() == [True, True, False, False, True] + [False] * 7 and pos[1, 0] == 2
+    for r, slots in ((1, range(1, 8)), (2, range(8))):
+        for s in slots:
+            assert allowed[r, s].nonzero().flatten().tolist() == [4 + s], (r, s)  # padding sees only itself
+    with pytest.raises(ValueError, match="rows"):
+        batch_step_mask(key_valid, [3], [2], [[]])
 
 
 def test_children_skip_probes_and_keep_order():
@@ -223,3 +241,34 @@ def test_decode_on_a_tiny_random_llama_equals_generate():
     out, st = decode(model, prompt, max_new_tokens=12, proposer=MaskProbe(), temperature=1.0,
                      generator=torch.Generator().manual_seed(0))
     assert len(out) == 12 or out[-1] == 2
+
+
+def test_decode_batch_on_a_tiny_random_llama_equals_generate_per_prompt():
+    """Three prompts of different lengths in one batch (padding in the cache; with drafts for the first prompt only
+    its row finishes calls before the others and is padding after): each row's greedy tokens are `generate`'s for
+    that prompt alone, for every proposer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.drafts import SuffixDraft
+    from actors.mtp import MaskProbe, Proposer, decode_batch
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=2)).eval()
+    prompts = [[3, 5, 7, 9, 11, 3, 5], [4, 6], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    with torch.no_grad():
+        refs = [model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
+                for p in prompts]
+    makers = {"plain": lambda i: Proposer(), "mask": lambda i: MaskProbe(),
+              "store": lambda i: SuffixDraft([prompts[0] + refs[0]] if i == 0 else [], self_lookup=False)}
+    for name, make in makers.items():
+        outs, st = decode_batch(model, prompts, max_new_tokens=20, proposers=[make(i) for i in range(3)])
+        assert outs == refs, name
+        assert st.new_tokens == 60 and st.calls <= st.row_calls <= 3 * st.calls
+        if name == "plain":
+            assert (st.calls, st.row_calls) == (20, 60)
+        if name == "store":  # row 0 took its 20 tokens in a few calls, the others one per call
+            assert st.calls == 20 and st.row_calls < 60
+    with pytest.raises(ValueError, match="one distinct proposer per prompt"):
+        shared = Proposer()
+        decode_batch(model, prompts, max_new_tokens=2, proposers=[shared] * 3)
