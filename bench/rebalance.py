@@ -8,7 +8,9 @@ gsm_symbolic prompts (seed 2026, apart from calibration's 12345) in turn: unstee
 installed), then steered with each calibration file given (`--calibration`, default the committed SmolLM2 ones).
 Accuracy is the `reasoning` verifier's; tokens per answer counts every generated token, the eos included.
 Timings are disturbed by other jobs on the box: only the ratio of the runs, measured back to back, is reported.
-Writes bench/results/rebalance[_quick].json.
+Writes bench/results/rebalance[_quick].json after every run (one mode, one steering); a second call with the same
+settings skips the runs already there (the full benchmark takes about an hour on 2 cores), other settings are
+refused unless `--fresh`.
 """
 from __future__ import annotations
 
@@ -42,6 +44,22 @@ def summarise(comps, answers, tok, table, prompts) -> dict:
             "hit_token_limit": int(sum(1 for c in comps if c and c[-1] != tok.eos_token_id))}
 
 
+def earlier_runs(path: str, settings: dict) -> dict | None:
+    """The runs already measured in `path` with these settings ({} when there is no file); None (after one line on
+    stderr) when the file was made with other settings."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if differ:
+        said = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        print(f"bench.rebalance: {path} holds runs with other settings ({said}); rerun with those settings to resume "
+              "it, or pass --fresh to start over", file=sys.stderr)
+        return None
+    return old.get("runs", {})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -49,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", action="append", default=None, help="calibration file(s) to compare")
     ap.add_argument("--problems", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--fresh", action="store_true", help="start over instead of resuming the results file")
     args = ap.parse_args(argv)
     model = os.path.expanduser(args.model)
     cals = [c for c in (args.calibration or CALIBRATIONS) if os.path.isfile(c)]
@@ -67,20 +86,33 @@ def main(argv=None) -> int:
     from launch.config import RolloutConfig
 
     n = args.problems or (64 if args.quick else 256)
+    name = "rebalance_quick" if args.quick else "rebalance"
+    settings = {"model": model, "problems": n, "max_new_tokens": args.max_new_tokens,
+                "calibrations": [os.path.basename(c) for c in cals]}
+    done = {} if args.fresh else earlier_runs(f"bench/results/{name}.json", settings)
+    if done is None:
+        return 2
     tok = AutoTokenizer.from_pretrained(model)
     items = make_prompts(tok, "gsm_symbolic", n, seed=2026)
     prompts, answers = [p for p, _ in items], [e.answer for _, e in items]
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    llm = LLM(**engine_kwargs(model, RolloutConfig(steering="rebalance", steering_path=cals[0]), seed=0))
     modes = {"greedy": (SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, detokenize=False), 1)}
     if not args.quick:
         modes["sampled_t0.7"] = (SamplingParams(temperature=0.7, top_p=0.95, n=4, max_tokens=args.max_new_tokens,
                                                 detokenize=False), 4)
     tables = {}
-    result = {"model": model, "problems": len(prompts), "max_new_tokens": args.max_new_tokens, "runs": {}}
+    result = {**settings, "runs": done}
+    arms = [("none", None)] + [(os.path.basename(c).removesuffix(".safetensors"), c) for c in cals]
+    left = sum(k for mode, (_, k) in modes.items() for arm, _ in arms if arm not in done.get(mode, {}))
+    log(f"{left * n} completions to generate ({sum(len(v) for v in done.values())} runs kept from the results "
+        f"file); about {left * n * 85 / 60 / 60:.0f} min at ~60 tokens/s, 85 tokens per answer")
+    steer_cfg = RolloutConfig(steering="rebalance", steering_path=cals[0])
+    llm = LLM(**engine_kwargs(model, steer_cfg, seed=0)) if left else None
     for mode, (params, k) in modes.items():
-        runs = {}
-        for name, cal_path in [("none", None)] + [(os.path.basename(c).removesuffix(".safetensors"), c) for c in cals]:
+        runs = result["runs"].setdefault(mode, {})
+        for arm, cal_path in arms:
+            if arm in runs:
+                continue
             if cal_path is None:
                 llm.collective_rpc("rebalance_disable")
                 table_rule = Calibration.load(cals[0]).step_rule
@@ -104,15 +136,15 @@ def main(argv=None) -> int:
                                alpha_over_gate=sum(1 for a in alphas if a <= -1.9),
                                alpha_positive=sum(1 for a in alphas if a > 0),
                                layer=Calibration.load(cal_path).layer, step_rule=table_rule)
-            runs[name] = summary
-            log(f"{mode} {name}: {summary}")
+            runs[arm] = summary
+            log(f"{mode} {arm}: {summary}")
+            write_result(name, result)  # each run lands as soon as it is measured
         base = runs["none"]
-        for name, s in runs.items():
-            if name != "none":
+        for arm, s in runs.items():
+            if arm != "none":
                 s["token_change"] = round(s["tokens_per_answer"] / base["tokens_per_answer"] - 1, 4)
                 s["accuracy_change_points"] = round(100 * (s["accuracy"] - base["accuracy"]), 2)
                 s["time_ratio"] = round(s["seconds"] / base["seconds"], 3)
-        result["runs"][mode] = runs
     greedy = result["runs"]["greedy"]
     steered_name = next(k for k in greedy if k != "none")
     line = {"tokens_per_answer": {"none": greedy["none"]["tokens_per_answer"],
@@ -120,7 +152,7 @@ def main(argv=None) -> int:
             "accuracy": {"none": greedy["none"]["accuracy"], "rebalance": greedy[steered_name]["accuracy"]},
             "calibration": steered_name, "problems": len(prompts)}
     result["summary"] = line
-    path = write_result("rebalance_quick" if args.quick else "rebalance", result)
+    path = write_result(name, result)
     log(f"wrote {path}")
     print(json.dumps(line))
     return 0
