@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 
 from protocol.messages import RolloutRequest
 from actors.rollout_worker import (Generated, WorkerBase, engine_kwargs, exits_if_engine_dead, init_request,
@@ -93,6 +94,20 @@ class AsyncRolloutWorker(WorkerBase):
         self.max_len = self.engine.model_config.max_model_len
         self.gate = VersionGate()
         self._ids = itertools.count()  # vLLM request ids must be unique among the requests in flight
+        self._steering_path = (os.path.expanduser(rollout_cfg.steering_path)
+                               if getattr(rollout_cfg, "steering", "none") == "rebalance" else None)
+        self._steering_lock = asyncio.Lock()
+
+    async def _steering_ready(self) -> None:
+        """`rollout.steering=rebalance`: install the hooks in the engine's workers before its first call, so every
+        generate and every logprob check is steered (as the sync worker's constructor does; here `collective_rpc`
+        is a coroutine, which a constructor cannot await)."""
+        if self._steering_path is None:
+            return
+        async with self._steering_lock:
+            if self._steering_path is not None:
+                await self.engine.collective_rpc("rebalance_setup", args=(self._steering_path,))
+                self._steering_path = None
 
     @exits_if_engine_dead
     async def generate(self, requests: list[RolloutRequest], *, temperature: float | None = None,
@@ -102,6 +117,7 @@ class AsyncRolloutWorker(WorkerBase):
         The requests run concurrently in the engine. Raises `StaleWeights` when this engine's version is below
         `min_version` (after `stale_grace_s`), and re-raises when the engine itself is dead (the group retries
         elsewhere)."""
+        await self._steering_ready()
         if self.version < min_version:
             await self.gate.until(lambda: self.version >= min_version, self.stale_grace_s)
         async with self.gate.generating():
@@ -198,6 +214,7 @@ class AsyncRolloutWorker(WorkerBase):
     async def sequence_logprobs(self, token_ids: list[int], min_version: int = 0) -> list[float]:
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner.
         Raises `StaleWeights` below `min_version` (a restarted actor before its re-sync), as `generate` does."""
+        await self._steering_ready()
         if self.version < min_version:
             await self.gate.until(lambda: self.version >= min_version, self.stale_grace_s)
         async with self.gate.generating():

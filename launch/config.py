@@ -149,7 +149,7 @@ class RolloutConfig:
     steering: str = "none"
     """Activation steering of every generation of the rollout engines (training rollouts and evaluation), one of
     actors.rebalance.STEERING: `none`, or `rebalance` (ReBalance, arXiv 2603.12372: h += alpha(c, v) * S at one
-    layer at each step end; needs `steering_path`, `engine=sync`, `enforce_eager`). See docs/REBALANCE.md."""
+    layer at each step end; needs `steering_path` and `enforce_eager`; either engine). See docs/REBALANCE.md."""
     steering_path: Optional[str] = None
     """`steering=rebalance`: the calibration file of this model (S, layer, schedule), written by
     `python -m actors.rebalance_calibrate --out <path>`."""
@@ -503,9 +503,6 @@ def _validate_steering(r: DictConfig) -> None:
         check_calibration_file(r.steering_path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if r.engine != "sync":
-        raise ConfigError(f"rollout.steering={r.steering} runs in the sync engine only; set rollout.engine=sync "
-                          f"(got {r.engine})")
     if not r.enforce_eager:
         raise ConfigError(f"rollout.steering={r.steering} hooks the model's layers, which a compiled model skips; "
                           "set rollout.enforce_eager=true")

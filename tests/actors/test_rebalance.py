@@ -150,8 +150,11 @@ def test_config_switch_picks_the_steering_extension(tmp_path):
     assert kw["worker_extension_cls"] == "actors.rebalance_vllm.SteeredWeightReceiver"
     assert kw["async_scheduling"] is False
     assert engine_kwargs("m", load_config(None, []).rollout, 0)["worker_extension_cls"].endswith("WeightReceiver")
-    with pytest.raises(ConfigError, match="rollout.engine=sync"):
-        load_config(None, ["rollout.steering=rebalance", f"rollout.steering_path={path}", "rollout.engine=async"])
+    async_cfg = load_config(None, ["rollout.steering=rebalance", f"rollout.steering_path={path}",
+                                   "rollout.engine=async"])  # either engine: the async worker installs the hooks
+    assert engine_kwargs("m", async_cfg.rollout, 0)["worker_extension_cls"].endswith("SteeredWeightReceiver")
+    with pytest.raises(ConfigError, match="rollout.enforce_eager=true"):
+        load_config(None, ["rollout.steering=rebalance", f"rollout.steering_path={path}", "rollout.enforce_eager=false"])
 
 
 def test_vllm_hooks_map_the_flat_batch_to_requests():

@@ -5,7 +5,8 @@ One vLLM engine with the steering worker extension serves four gsm_symbolic prom
 - with the calibrated vector the engine steers exactly at the step-end tokens of each completion, the tokens and
   alphas are those of the HF loop (`actors.rebalance_hf.generate`, batch 1: no flattening to get wrong), and
   the outputs change;
-- teacher-forced through HF, the steering layer's input changes only at the step ends, by alpha * S.
+- teacher-forced through HF, the steering layer's input changes only at the step ends, by alpha * S;
+- a `rollout.engine=async` worker with `rollout.steering=rebalance` serves the same steered completions.
 """
 import os
 
@@ -118,3 +119,33 @@ def test_steering_layer_input_changes_only_at_step_ends(engine_runs):
     assert changed == {t for t, a in where.items() if a != 0}
     for t in changed:
         assert np.allclose(diff[t], where[t] * cal.vector, atol=1e-4)
+
+
+def test_async_rollout_worker_steers_like_the_sync_engine(engine_runs):
+    """`rollout.engine=async` with `rollout.steering=rebalance`: the hooks go in before the worker's first call, and
+    its greedy rollouts are the sync engine's steered completions."""
+    import asyncio
+
+    from actors.async_rollout_worker import AsyncRolloutWorker
+    from launch.config import load_config
+    from protocol.messages import RolloutRequest
+
+    r = engine_runs
+    cfg = load_config("configs/smollm2_gsm.yaml", ["rollout.engine=async", "rollout.steering=rebalance",
+                                                   f"rollout.steering_path={CALIBRATION}",
+                                                   f"task.max_new_tokens={TOKENS}"])
+
+    async def serve():
+        w = AsyncRolloutWorker(model_dir=MODEL, rollout_cfg=cfg.rollout, task_cfg=cfg.task, actor_id=0, seed=0)
+        try:
+            reqs = [RolloutRequest(request_id=i, root_id=f"r{i}", prompt_ids=p, n=1)
+                    for i, p in enumerate(r["prompts"])]
+            return await w.generate(reqs, temperature=0.0)
+        finally:
+            w.shutdown()
+
+    got = asyncio.run(serve())
+    assert not got.errors
+    by_id = {x.request_id: x.token_ids for x in got.rollouts}
+    assert r["steered"] != r["plain"]  # so equal tokens below mean the async engine was steered
+    assert [by_id[i] for i in range(len(r["prompts"]))] == r["steered"]
