@@ -1,10 +1,11 @@
-"""Stamp benchmark results with date, commit and machine; write JSON and print one line."""
+"""Stamp benchmark results with date, commit and machine; write JSON; refuse to resume a file of other settings."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 
 
@@ -25,3 +26,12 @@ def write_result(name: str, result: dict) -> str:
     with open(path, "w") as f:
         json.dump({**stamp(), **result}, f, indent=1)
     return path
+
+
+def other_settings(path: str, recorded: dict, asked: dict, what_to_do: str) -> bool:
+    """Whether a results file to resume was made with other settings; if so, one line on stderr names each
+    difference and `what_to_do` (the caller then exits 2, before anything starts)."""
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in asked.items() if recorded.get(k) != v]
+    if differ:
+        print(f"error: {path} holds runs of other settings ({'; '.join(differ)}): {what_to_do}", file=sys.stderr)
+    return bool(differ)

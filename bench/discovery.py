@@ -227,15 +227,17 @@ def main(argv=None) -> int:
                  f"--build-horizon {build_h} must be >= the largest H {max(horizons)}")
     budget = args.budget or (100_000 if args.quick else 3_000_000)
     name = args.name or ("discovery_quick" if args.quick else "discovery")
+    from bench.common import other_settings
+
     path = os.path.join("bench", "results", f"{name}.json")
     results = {"cells": []}
     if os.path.isfile(path):  # resume: the cells already measured are kept, not redone
         with open(path) as f:
             results = json.load(f)
-        if results.get("build_horizon", build_h) != build_h or results.get("budget_tokens", budget) != budget:
-            print(f"error: {path} holds cells of another base model or budget (build horizon "
-                  f"{results.get('build_horizon')}, budget {results.get('budget_tokens')}; asked {build_h}, {budget}): "
-                  "pass the same --build-horizon and --budget to resume it, or another --name", file=sys.stderr)
+        recorded = {"build_horizon": results.get("build_horizon", build_h),
+                    "budget_tokens": results.get("budget_tokens", budget)}
+        if other_settings(path, recorded, {"build_horizon": build_h, "budget_tokens": budget},
+                          "pass the same --build-horizon and --budget to resume it, or another --name"):
             return 2
     done = {(c["H"], c["mode"], c["seed"]) for c in results["cells"]}
     plan = [(h, m, s) for h in horizons for m in modes for s in seeds if (h, m, s) not in done]

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         if build_h < max(horizons):
             ap.error(f"--build-horizon {build_h} must be >= the largest H {max(horizons)} (or 0)")
         common.append(f"model.build_horizon={build_h}")
-    from bench.common import stamp, write_result
+    from bench.common import other_settings, stamp, write_result
 
     name = args.name or ("gap_variants" if args.variants_only else "gap_quick" if args.quick else "gap")
     settings = {"steps": steps, "eval_every": args.eval_every, "stop_at": stop_at, "build_horizon": build_h}
@@ -162,9 +162,7 @@ def main(argv=None) -> int:
     if os.path.isfile(path) and not args.fresh:  # resume: the runs already measured are kept, not redone
         with open(path) as f:
             old = json.load(f)
-        if old.get("settings") != settings:
-            print(f"error: {path} holds runs of other settings ({old.get('settings', 'not recorded')}; asked "
-                  f"{settings}): pass --fresh to start it over, or another --name", file=sys.stderr)
+        if other_settings(path, old.get("settings", {}), settings, "pass --fresh to start it over, or another --name"):
             return 2
         old.pop("partial", None)
         results = {**old, "started": old.get("started", results["started"])}

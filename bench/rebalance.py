@@ -47,15 +47,13 @@ def summarise(comps, answers, tok, table, prompts) -> dict:
 def earlier_runs(path: str, settings: dict) -> dict | None:
     """The runs already measured in `path` with these settings ({} when there is no file); None (after one line on
     stderr) when the file was made with other settings."""
+    from bench.common import other_settings
+
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         old = json.load(f)
-    differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if differ:
-        said = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-        print(f"bench.rebalance: {path} holds runs with other settings ({said}); rerun with those settings to resume "
-              "it, or pass --fresh to start over", file=sys.stderr)
+    if other_settings(path, old, settings, "rerun with those settings to resume it, or pass --fresh to start over"):
         return None
     return old.get("runs", {})
 

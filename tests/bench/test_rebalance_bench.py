@@ -17,4 +17,4 @@ def test_same_settings_keep_the_runs_other_settings_are_one_line(tmp_path, capsy
     assert earlier_runs(str(path), SETTINGS) == runs
     assert earlier_runs(str(path), {**SETTINGS, "problems": 64}) is None
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "problems: 256 there, 64 now" in err and "--fresh" in err
+    assert len(err.splitlines()) == 1 and "problems: 256 there, 64 now" in err and err.startswith("error: ") and "--fresh" in err
