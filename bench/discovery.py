@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None, help="generated tokens per cell before it is censored")
     ap.add_argument("--name", help="results file stem under bench/results (default: discovery or discovery_quick)")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="no runs: print the table of these result files")
+    ap.add_argument("--end-to-end", metavar="JSON", help="with --report: a bench.gap results file on the same base "
+                    "model; also print root-start's end-to-end cost over each prefix mode's, censored runs estimated")
     ap.add_argument("--engine", choices=("vllm", "torch"), default="vllm",
                     help="vllm: a rollout actor (Ray + vLLM, run it under the heavy lock); torch: TorchGenerator, the "
                          "same frozen policy sampled in this process")
@@ -216,6 +218,9 @@ def main(argv=None) -> int:
             with open(path) as f:
                 res = json.load(f)
             print(table(res) + "\n\n" + ratio_table(res))
+            if args.end_to_end:
+                with open(args.end_to_end) as f:
+                    print("\n" + end_to_end_table(res, json.load(f)))
         return 0
     horizons = args.horizons or ([4, 8, 10] if args.quick else [4, 6, 8, 10, 12, 14])
     build_h = args.build_horizon or (12 if args.quick else max(horizons))
@@ -446,6 +451,58 @@ def end_to_end_estimate(p0: float, tokens_per_call: float, floor: float | None, 
     return k_star / p0 * tokens_per_call + floor
 
 
+def root_cost_inputs(discovery: dict, h: int) -> tuple[float | None, float | None]:
+    """(exact p0 of the base policy at H, root-start's generated tokens per call at H) from a discovery results
+    file: the inputs of `end_to_end_estimate` (None where the file has no root-start cell or p0 at H)."""
+    cells = [c for c in discovery["cells"] if c["H"] == h and c["mode"] == "root_start"]
+    per_call = sum(c["generated_tokens"] for c in cells) / max(1, sum(c["calls"] for c in cells)) if cells else None
+    return discovery.get("p0", {}).get(str(h), {}).get("p0"), per_call
+
+
+def end_to_end_ratios(discovery: dict, end_to_end: dict, k_star: int = K_TAKEOFF) -> dict:
+    """{H: {prefix mode: mean root-start tokens to held-out 0.5 over the mode's, with a 95% bootstrap interval over
+    seeds}}. A root-start run that never reached 0.5 enters at the two-cost estimate (`end_to_end_estimate`, L =
+    the best prefix mode's median at that H); a prefix mode with a seed that never reached it is left out (nothing
+    here models its cost), as is an H without the estimate's inputs when root-start needs them."""
+    import statistics
+
+    runs = end_to_end.get("runs", [])
+    out: dict = {}
+    for h in sorted({r["H"] for r in runs}):
+        by: dict = {}
+        for r in runs:
+            if r["H"] == h:
+                by.setdefault(r["mode"], []).append(r["tokens_to_0.5"])
+        prefix = {m: xs for m, xs in by.items() if m != "root_start" and None not in xs}
+        root = by.get("root_start", [])
+        if not prefix or not root:
+            continue
+        floor = min(statistics.median(xs) for xs in prefix.values())
+        p0, per_call = root_cost_inputs(discovery, h)
+        estimate = end_to_end_estimate(p0, per_call, floor, k_star) if per_call else None
+        if None in root and estimate is None:
+            continue
+        root_costs = [estimate if x is None else x for x in root]
+        for mode, xs in prefix.items():
+            out.setdefault(str(h), {})[mode] = {**bootstrap_ratio(root_costs, xs), "seeds": [len(root), len(xs)],
+                                                "root_censored": root.count(None),
+                                                "root_estimate": None if None not in root else estimate}
+    return out
+
+
+def end_to_end_table(discovery: dict, end_to_end: dict, k_star: int = K_TAKEOFF) -> str:
+    """Markdown of `end_to_end_ratios`: per H and prefix mode, the seeds, root-start's censored seeds and the
+    estimate they entered at, and the ratio with its 95% bootstrap interval."""
+    lines = ["| H | prefix mode | seeds (root, mode) | root-start censored (entered at) | tokens-to-0.5 ratio [95% CI] |",
+             "|---|---|---|---|---|"]
+    for h, modes in end_to_end_ratios(discovery, end_to_end, k_star).items():
+        for mode, r in modes.items():
+            cens = f"{r['root_censored']} ({_fmt(r['root_estimate'])})" if r["root_censored"] else "0"
+            lines.append(f"| {h} | {mode} | {r['seeds'][0]}, {r['seeds'][1]} | {cens} | "
+                         f"**{r['ratio']:.1f}x** [{r['lo']:.1f}, {r['hi']:.1f}] |")
+    return "\n".join(lines)
+
+
 def quick_summary(discovery: dict, end_to_end: dict, k_star: int = K_TAKEOFF) -> dict:
     """The one JSON line of `--quick`: per H and mode, the discovery cost (generated tokens to K=10 solved prompts,
     policy frozen; a censored cell also gives its K/p0 expectation) and the end-to-end cost (generated tokens until
@@ -471,10 +528,7 @@ def quick_summary(discovery: dict, end_to_end: dict, k_star: int = K_TAKEOFF) ->
                 e2e.setdefault(r["mode"], []).append(r["tokens_to_0.5"])
         floors = [med(v) for m, v in e2e.items() if m != "root_start" and med(v) is not None]
         floor = min(floors) if floors else None
-        root_cells = [c for c in discovery["cells"] if c["H"] == h and c["mode"] == "root_start"]
-        per_call = (sum(c["generated_tokens"] for c in root_cells) / max(1, sum(c["calls"] for c in root_cells))
-                    if root_cells else None)
-        p0 = discovery.get("p0", {}).get(str(h), {}).get("p0")
+        p0, per_call = root_cost_inputs(discovery, h)
         for mode, xs in e2e.items():
             row = rows.setdefault(mode, {"discovery_tokens_k10": None})
             row["tokens_to_0.5"] = med(xs)
@@ -482,7 +536,8 @@ def quick_summary(discovery: dict, end_to_end: dict, k_star: int = K_TAKEOFF) ->
                                              and per_call else row["tokens_to_0.5"])
     return {"H": out, "budget_tokens": discovery["budget_tokens"],
             "end_to_end_budget_tokens": max((r["generated_tokens"] for r in runs), default=None),
-            "end_to_end_model": f"root-start: K*/p0 * tokens per call + the best prefix mode's tokens to 0.5, K*={k_star}"}
+            "end_to_end_model": f"root-start: K*/p0 * tokens per call + the best prefix mode's tokens to 0.5, K*={k_star}",
+            "end_to_end_ratio": end_to_end_ratios(discovery, end_to_end, k_star)}
 
 
 def table(results: dict) -> str:

@@ -123,6 +123,31 @@ def test_quick_summary_joins_discovery_and_end_to_end_per_h_and_mode():
     assert q["budget_tokens"] == 2000 and q["end_to_end_budget_tokens"] == 60_000
 
 
+def test_end_to_end_ratios_bootstrap_seeds_and_enter_censored_root_runs_at_the_estimate():
+    from bench.discovery import end_to_end_ratios
+
+    disc = {"p0": {"8": {"p0": 0.004}},
+            "cells": [{**_cell(8, "root_start", 2000), "generated_tokens": 2000, "calls": 400}]}  # 5 tokens a call
+
+    def run(h, mode, seed, t):
+        return {"H": h, "mode": mode, "seed": seed, "tokens_to_0.5": t, "generated_tokens": 60_000}
+
+    e2e = {"runs": [run(8, "root_start", 0, None), run(8, "root_start", 1, 100_000),
+                    run(8, "prefix_first_surprise", 0, 20_000), run(8, "prefix_first_surprise", 1, 40_000),
+                    run(8, "prefix_random", 0, None),  # a prefix seed that never got there: the mode is left out
+                    run(6, "root_start", 0, None), run(6, "prefix_first_surprise", 0, 10_000)]}  # no p0 at H=6
+    r = end_to_end_ratios(disc, e2e, k_star=100)
+    assert set(r) == {"8"} and set(r["8"]) == {"prefix_first_surprise"}
+    fs = r["8"]["prefix_first_surprise"]
+    estimate = 100 / 0.004 * 5 + 30_000  # K*/p0 * tokens per call + the best prefix median
+    assert fs["root_estimate"] == pytest.approx(estimate) and fs["root_censored"] == 1 and fs["seeds"] == [2, 2]
+    assert fs["ratio"] == pytest.approx((estimate + 100_000) / 2 / 30_000)
+    assert fs["lo"] <= fs["ratio"] <= fs["hi"]
+    e2e["runs"][0]["tokens_to_0.5"] = 80_000  # measured: no estimate enters
+    fs = end_to_end_ratios(disc, e2e)["8"]["prefix_first_surprise"]
+    assert fs["root_estimate"] is None and fs["ratio"] == pytest.approx(90_000 / 30_000)
+
+
 def test_plot_two_costs_writes_a_png_with_measured_and_estimated_points(tmp_path):
     from bench.discovery import plot_two_costs
 
