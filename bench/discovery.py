@@ -42,6 +42,21 @@ from bench.gap import MODES as GAP_MODES
 MODES = {**GAP_MODES,  # the gap benchmark's modes, and the seed paper's frontier rule (prefix_store/frontier.py)
          "prefix_frontier": ["store.branch_fraction=0.5", "store.scorer=frontier", "store.branch_action=resample"]}
 
+def mode_overrides(mode: str) -> list[str]:
+    """Config overrides of a mode: one of MODES, or a prefix mode at another branch fraction, `<mode>,bf=<x>`
+    (x of the 16 requests per round go to stored branch points, the rest to fresh prompts)."""
+    base, _, frac = mode.partition(",bf=")
+    if base not in MODES or base == "root_start" and frac or (mode != base and not frac):
+        raise KeyError(mode)
+    return MODES[base] + ([f"store.branch_fraction={float(frac)}"] if frac else [])
+
+
+def mode_order(mode: str) -> tuple:
+    """Table and plot order: the MODES order, variants after their mode."""
+    base = mode.partition(",bf=")[0]
+    return (list(MODES).index(base) if base in MODES else len(MODES), mode)
+
+
 QUICK_MODES = ("root_start", "prefix_first_surprise", "prefix_frontier")
 """--quick's discovery modes: root-start, the best prefix mode of the gap runs, the seed paper's rule (the
 uncertainty and random scorers took 2-3 min a cell at H=8-10, past the 15-minute limit)."""
@@ -204,6 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--build-horizon", type=int, help="horizon of the one base model (default: the largest H)")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--modes", nargs="*", help=f"modes to run (default: all of {', '.join(MODES)})")
+    ap.add_argument("--branch-fractions", type=float, nargs="*", default=[],
+                    help="also run every prefix mode given at these store.branch_fraction values, as modes "
+                         "'<mode>,bf=<x>' (the share of requests per round that re-enter stored prefixes)")
     ap.add_argument("--budget", type=int, default=None, help="generated tokens per cell before it is censored")
     ap.add_argument("--name", help="results file stem under bench/results (default: discovery or discovery_quick)")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="no runs: print the table of these result files")
@@ -226,7 +244,13 @@ def main(argv=None) -> int:
     build_h = args.build_horizon or (12 if args.quick else max(horizons))
     seeds = range(args.seeds or (1 if args.quick else 3))
     modes = args.modes or (list(QUICK_MODES) if args.quick else list(MODES))
-    unknown = sorted(set(modes) - set(MODES))
+    modes += [f"{m},bf={x:g}" for x in args.branch_fractions for m in list(modes) if m in MODES and m != "root_start"]
+    unknown = []
+    for m in modes:
+        try:
+            mode_overrides(m)
+        except (KeyError, ValueError):
+            unknown.append(m)
     if unknown or build_h < max(horizons):
         ap.error(f"unknown modes {unknown}; known: {', '.join(MODES)}" if unknown else
                  f"--build-horizon {build_h} must be >= the largest H {max(horizons)}")
@@ -285,7 +309,7 @@ def main(argv=None) -> int:
                                  env_vars=actor_env_vars(base.rollout.kv_cache_gib), worker_cls=BenchRolloutWorker)
         try:
             for i, (h, mode, seed) in enumerate(plan):
-                cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *MODES[mode]])
+                cfg = load_config("configs/default.yaml", common + [f"task.horizon={h}", f"train.seed={seed}", *mode_overrides(mode)])
                 task = make_task(cfg.task)
                 group.set_task(task) if args.engine == "torch" else set_task(group, cfg.task)
                 store = PrefixStore(store_cfg=cfg.store, vocab_size=model_vocab_size(model_dir), seed=seed, remote=False)
@@ -387,7 +411,7 @@ def ratio_table(results: dict, k: int = 10) -> str:
     """Markdown: per H, root-start's mean tokens to K (seed range; censored seeds counted) and, per prefix mode,
     its mean tokens and the ratio with its 95% bootstrap interval."""
     rat = ratios(results, k)
-    modes = [m for m in MODES if m != "root_start" and any(c["mode"] == m for c in results["cells"])]
+    modes = sorted({c["mode"] for c in results["cells"] if c["mode"] != "root_start"}, key=mode_order)
     lines = [f"| H | p0 (exact) | root-start tokens to K={k}: mean (range) | " +
              " | ".join(f"{m}: mean tokens, ratio [95% CI]" for m in modes) + " |",
              "|---|---|---|" + "---|" * len(modes)]
@@ -545,7 +569,7 @@ def table(results: dict) -> str:
     fmt = _fmt
     lines = ["| H | p0 (exact) | mode | " + " | ".join(f"K={k}: tokens (calls, prefill)" for k in KS) +
              " | root-start / mode tokens at K=10 |", "|---|---|---|" + "---|" * len(KS) + "---|"]
-    cells = sorted(results["cells"], key=lambda c: (c["H"], list(MODES).index(c["mode"]) if c["mode"] in MODES else 99, c["seed"]))
+    cells = sorted(results["cells"], key=lambda c: (c["H"], mode_order(c["mode"]), c["seed"]))
     root = {(c["H"], c["seed"]): c for c in cells if c["mode"] == "root_start"}
     for c in cells:
         parts = []
@@ -576,7 +600,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    modes = [m for m in MODES if any(c["mode"] == m for c in results["cells"])]
+    modes = sorted({c["mode"] for c in results["cells"]}, key=mode_order)
     for j, mode in enumerate(modes):
         cells = [c for c in results["cells"] if c["mode"] == mode and cost_to_k(c, 10) is not None]
         hs = sorted({c["H"] for c in cells})

@@ -159,3 +159,15 @@ def test_plot_two_costs_writes_a_png_with_measured_and_estimated_points(tmp_path
     path = tmp_path / "two.png"
     plot_two_costs(quick, str(path), "test")
     assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mode_overrides_name_branch_fraction_variants_of_prefix_modes_only():
+    from bench.discovery import MODES, mode_order, mode_overrides
+
+    assert mode_overrides("prefix_frontier") == MODES["prefix_frontier"]
+    assert mode_overrides("prefix_frontier,bf=0.875")[-1] == "store.branch_fraction=0.875"
+    for bad in ("root_start,bf=0.5", "nope,bf=0.5", "prefix_frontier,bf=", "prefix_frontier,bf=x"):
+        with pytest.raises((KeyError, ValueError)):
+            mode_overrides(bad)
+    order = sorted(["prefix_frontier,bf=0.875", "prefix_frontier", "root_start"], key=mode_order)
+    assert order == ["root_start", "prefix_frontier", "prefix_frontier,bf=0.875"]
