@@ -78,6 +78,8 @@ class VersionGate:
 
 
 class AsyncRolloutWorker(WorkerBase):
+    _steering_path: str | None = None
+    """`rollout.steering=rebalance`: the calibration file whose hooks are still to be installed (None: none, or done)."""
     stale_grace_s: float = 5.0
     """A call that needs a newer version than this engine holds waits this long for a push to land before it raises
     `StaleWeights`: calls to an async actor may start out of submission order, so a generate sent right after a
@@ -94,9 +96,9 @@ class AsyncRolloutWorker(WorkerBase):
         self.max_len = self.engine.model_config.max_model_len
         self.gate = VersionGate()
         self._ids = itertools.count()  # vLLM request ids must be unique among the requests in flight
-        self._steering_path = (os.path.expanduser(rollout_cfg.steering_path)
-                               if getattr(rollout_cfg, "steering", "none") == "rebalance" else None)
-        self._steering_lock = asyncio.Lock()
+        if getattr(rollout_cfg, "steering", "none") == "rebalance":
+            self._steering_path = os.path.expanduser(rollout_cfg.steering_path)
+            self._steering_lock = asyncio.Lock()
 
     async def _steering_ready(self) -> None:
         """`rollout.steering=rebalance`: install the hooks in the engine's workers before its first call, so every
