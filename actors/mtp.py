@@ -26,7 +26,7 @@ Proposers (where the tree comes from) share this verifier:
 - `actors.drafts.SuffixDraft`: continuations of the longest suffix match in earlier rollouts (the prefix store's
   stored sequences) or in the sequence itself.
 
-KV cache: one `transformers.DynamicCache` per sequence. After a call the cache holds the committed tokens and the
+KV cache: one `transformers.DynamicCache` (one row per sequence). After a call the cache holds the committed tokens and the
 call's tree and probe nodes; the nodes are cropped (`DynamicCache.crop(-n)`) and the accepted tokens + bonus are fed
 as the next call's pending tokens (their KV is recomputed once, inside the next call, instead of being gathered
 out of the tree). `decode_batch` serves several sequences in one forward pass per call (one cache; each row's
