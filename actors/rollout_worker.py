@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from protocol.messages import Rollout, RolloutRequest
+from actors.pause_points import pause_point
 from actors.tasks import make_task
 from protocol.uncertainty import entropy_from_topk
 
@@ -352,6 +353,7 @@ class RolloutWorker(WorkerBase):
         slower for 100M parameters). Falls back to the RPC when /dev/shm is missing or full."""
         from actors.weight_transport import payload_bytes, staged_in_shm
 
+        pause_point(f"update_weights@v{version}")
         with staged_in_shm(payload, str(version)) as path:
             n = self.llm.collective_rpc("load_weights_from_file", args=(path,))[0] if path else None
         if n is None:
@@ -409,5 +411,6 @@ class RolloutWorker(WorkerBase):
         """log pi(x_t | x_<t) for t >= 1 of a fixed sequence (prompt logprobs), to compare with the learner.
         Raises `StaleWeights` below `min_version` (a restarted actor before its re-sync), as `generate` does."""
         self._check_version(min_version)
+        pause_point(f"sequence_logprobs@v{self.version}")
         prompt, params = sequence_inputs(token_ids)
         return sequence_logprobs_of(token_ids, self.llm.generate([prompt], params, use_tqdm=False)[0])

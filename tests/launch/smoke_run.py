@@ -12,15 +12,17 @@ from tests.conftest import ROOT
 
 
 @contextlib.contextmanager
-def smoke_run(tmp_path, name: str, overrides: list[str]):
-    """Starts the run (output in <tmp_path>/<name>.log); yields (proc, run_dir, log). On leaving, a run still
-    going is killed with its whole process group, so a failed assertion leaves nothing behind."""
+def smoke_run(tmp_path, name: str, overrides: list[str], env: dict[str, str] | None = None):
+    """Starts the run (output in <tmp_path>/<name>.log; `env` added to this process's environment); yields (proc,
+    run_dir, log). On leaving, a run still going is killed with its whole process group, so a failed assertion leaves
+    nothing behind."""
     runs = tmp_path / "runs"
     run_dir, log = runs / name, tmp_path / f"{name}.log"
     args = [sys.executable, "-m", "launch.train", "--config", "configs/smoke.yaml", f"run_dir={runs}", f"run_name={name}",
             *overrides]
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     try:
         yield proc, run_dir, log
     finally:

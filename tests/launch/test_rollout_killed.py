@@ -15,13 +15,10 @@ again, exits so that Ray may restart it; Ray may not, nothing can serve, and the
 max_restarts=0 is tests/actors/test_actor_lost.py.) B runs beside A (both mostly wait for engines to start), so the
 module takes about one run's time.
 
-Timing without hooks in the code: a call is made to land "in flight" on the actor by freezing processes with
-SIGSTOP. For the push: the learner is frozen after the progress line of step 1 (the driver then waits in step 2's
-update, generation done), the actor is frozen, the learner thawed: the push of step 2 goes to the frozen actor,
-which is then killed. For the final check: the learner is frozen after step 3's line (the driver waits in step 4's
-update), then the store shard (step 4's insert is done; `store.snapshot_every=4` makes the driver wait on the store
-right after the push), the learner is thawed (the push of step 4 lands), then the actor is frozen and the store
-thawed: the next rollout call, in flight on the frozen actor when it is killed, is the final weight check.
+Timing: a call is known to be in flight on the actor through the pause points of `actors.pause_points`
+(`update_weights@v2`: the push of step 2; `sequence_logprobs@v4`: the final weight check, the only call of that method
+after step 4's push). The actor reached the point inside the call, wrote its pid and waits; the test kills that pid.
+The restarted actor, retrying the same call, passes the point.
 """
 from __future__ import annotations
 
@@ -34,6 +31,7 @@ import time
 
 import pytest
 
+from actors.pause_points import DIR_VAR, POINTS_VAR
 from tests.launch.smoke_run import smoke_run, wait_for_files
 from tests.launch.test_resume import descendants
 
@@ -82,8 +80,10 @@ def worker_stderr(pid: int) -> str:
     return "".join(open(path, errors="replace").read() for path in glob.glob(f"/tmp/ray/session_*/logs/worker-*-{pid}.err"))
 
 
-def in_log(log, text: str):
-    return lambda: text in log.read_text()
+def paused_in(proc, log, pauses, point: str) -> int:
+    """The pid of the process waiting at pause point `point` (inside the call it names)."""
+    reached = pauses / f"{point}.reached"
+    return int(wait_until(proc, log, f"pause point {point}", lambda: reached.exists() and reached.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +116,10 @@ def no_restarts_run(tmp_path_factory):
 
 def test_rollout_actor_killed_at_start_mid_push_and_in_the_final_check_run_recovers(tmp_path, no_restarts_run):
     t0 = time.time()
-    overrides = [*COMMON, "rollout.max_restarts=3", f"store.snapshot_every={STEPS}"]
-    with smoke_run(tmp_path, "a", overrides) as (proc, run_dir, log):
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    env = {POINTS_VAR: "update_weights@v2,sequence_logprobs@v4", DIR_VAR: str(pauses)}
+    with smoke_run(tmp_path, "a", [*COMMON, "rollout.max_restarts=3"], env=env) as (proc, run_dir, log):
         # 1. the learner's process exists (the engine starts beside it): kill the actor while the run is still
         #    starting; pids.json must then name the restarted actor
         wait_until(proc, log, "the learner process", lambda: titled(proc, "ray::_Rank"), timeout=600)
@@ -130,27 +132,14 @@ def test_rollout_actor_killed_at_start_mid_push_and_in_the_final_check_run_recov
         assert pids["rollout"][0] not in (pid1, None), pids
 
         # 2. in flight during the push of step 2
-        wait_until(proc, log, "step 1's progress line", in_log(log, f"[graftrl] step 1/{STEPS} "))
-        os.kill(learner, signal.SIGSTOP)
-        time.sleep(3)  # step 2's generation and insert finish; the driver waits in the update
-        pid2 = one_rollout_actor(proc, log)
-        os.kill(pid2, signal.SIGSTOP)
-        os.kill(learner, signal.SIGCONT)
-        time.sleep(3)  # the update ends; update_weights waits on the frozen actor
+        pid2 = paused_in(proc, log, pauses, "update_weights@v2")
+        assert pid2 == pids["rollout"][0], (pid2, pids)
         os.kill(pid2, signal.SIGKILL)
 
         # 3. in flight during the final weight check
-        wait_until(proc, log, "step 3's progress line", in_log(log, f"[graftrl] step 3/{STEPS} "))
-        os.kill(learner, signal.SIGSTOP)
-        time.sleep(3)  # step 4's generation and insert finish; the driver waits in the update
-        os.kill(store, signal.SIGSTOP)
-        os.kill(learner, signal.SIGCONT)
-        time.sleep(3)  # the push of step 4 lands; the driver waits on the store (its snapshot after step 4)
-        pid3 = one_rollout_actor(proc, log)
-        os.kill(pid3, signal.SIGSTOP)
-        os.kill(store, signal.SIGCONT)
-        wait_until(proc, log, "step 4's progress line", in_log(log, f"[graftrl] step {STEPS}/{STEPS} "), timeout=60)
-        time.sleep(3)  # the final check's sequence_logprobs waits on the frozen actor
+        pid3 = paused_in(proc, log, pauses, "sequence_logprobs@v4")
+        assert pid3 == one_rollout_actor(proc, log) != pid2
+        assert f"[graftrl] step {STEPS}/{STEPS} " in log.read_text()
         assert "[graftrl] weight sync check" not in log.read_text()
         os.kill(pid3, signal.SIGKILL)
         rc = proc.wait(timeout=600)
