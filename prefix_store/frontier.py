@@ -51,5 +51,5 @@ def frontier_positions(root: np.ndarray, depth: np.ndarray, surprise: np.ndarray
 def score_frontier(c: "Candidates", rng: np.random.Generator) -> np.ndarray:
     """depth + 1 at each root's deepest first-surprise position, -inf elsewhere (see the module docstring)."""
     depth = np.asarray(c.depth)
-    mask = frontier_positions(np.asarray(c.root), depth, c.top1_logprob - c.logprob, c.path_surprise)
+    mask = frontier_positions(np.asarray(c.root), depth, c.surprise, c.path_surprise)
     return np.where(mask, depth + 1.0, -np.inf)

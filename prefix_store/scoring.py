@@ -41,6 +41,11 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.logprob)
 
+    @property
+    def surprise(self) -> np.ndarray:
+        """max_a log pi(a | y_<t) - log pi(y_t | y_<t), at least 0 (exactly 0 when the top token was sampled)."""
+        return np.clip(self.top1_logprob - self.logprob, 0.0, None)
+
     step_conf: np.ndarray = None  # type: ignore[assignment]
     """ReBalance step confidence c_s of the step holding y_t (mean max-prob over the step)."""
     step_var: np.ndarray = None  # type: ignore[assignment]
@@ -60,7 +65,7 @@ def score_entropy(c: Candidates, rng: np.random.Generator) -> np.ndarray:
 
 def score_surprise(c: Candidates, rng: np.random.Generator) -> np.ndarray:
     """score = max_a log pi(a | y_<t) - log pi(y_t | y_<t)  (0 when the top token was sampled)."""
-    return c.top1_logprob - c.logprob
+    return c.surprise
 
 
 def score_first_surprise(c: Candidates, rng: np.random.Generator) -> np.ndarray:
@@ -73,7 +78,7 @@ def score_first_surprise(c: Candidates, rng: np.random.Generator) -> np.ndarray:
     time (the seed paper's prefix-access learner). Later surprises on the same
     path score at most 0: they lie below a wrong turn, where nothing pays.
     """
-    return (c.top1_logprob - c.logprob) - c.path_surprise
+    return c.surprise - c.path_surprise
 
 
 def score_one_minus_max_prob(c: Candidates, rng: np.random.Generator) -> np.ndarray:

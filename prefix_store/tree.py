@@ -134,6 +134,16 @@ class PoolCandidates:
     root = property(lambda self: self._c["root"][self._p["owner"][: self._n]])
 
     @property
+    def surprise(self) -> np.ndarray:
+        """(n,) max_a log pi(a) - log pi(y_t), at least 0, with the sampled logprob rounded to the top-1 column's
+        float16 first. The two columns differ in precision (float32, float16), and a top-1 token sampled has equal
+        logprobs: rounded alike they give exactly 0, where the raw difference is float16's rounding error (up to
+        ~2e-4 at log pi = -0.7), which would count as a surprise at every other right token."""
+        top1 = self._p["top1"][: self._n]
+        rounded = self._p["logprob"][: self._n].astype(top1.dtype)
+        return np.clip(top1.astype(np.float32) - rounded.astype(np.float32), 0.0, None)
+
+    @property
     def depth(self) -> np.ndarray:
         """(n,) continuation position of each row: its node's start plus the row's offset inside the node's edge."""
         owner = self._p["owner"][: self._n]
@@ -151,7 +161,7 @@ class PoolCandidates:
         n, nodes = self._n, self._c
         if n == 0:
             return np.zeros(0, dtype=np.float32)
-        s = np.clip(self._col("top1") - self._col("logprob"), 0.0, 100.0).astype(np.float64)
+        s = np.clip(self.surprise, 0.0, 100.0).astype(np.float64)
         owner = self._p["owner"][:n]
         starts = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1]]))
         flags = np.zeros(n, dtype=np.int64)

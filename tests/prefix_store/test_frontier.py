@@ -2,6 +2,7 @@
 import numpy as np
 
 from prefix_store.frontier import frontier_positions
+from protocol.messages import Rollout
 from prefix_store.tree import PoolCandidates, PrefixShard
 from tests.prefix_store.test_first_surprise import rollout
 
@@ -50,3 +51,21 @@ def test_frontier_cannot_be_weighted_in_the_combined_scorer():
     with pytest.raises(ConfigError, match="store.scorer_weights names frontier, not scorers that can be combined"):
         load_config(None, ["store.scorer=combined", "store.scorer_weights.frontier=1.0"])
     assert load_config(None, ["store.scorer=frontier"]).store.scorer == "frontier"
+
+
+def test_top1_tokens_at_logprobs_float16_rounds_up_are_not_surprises():
+    """The top-1 column is float16, the sampled logprob float32: a top-1 token sampled at a logprob that float16
+    rounds toward 0 must still have surprise 0, or every such right step would count as a first wrong turn."""
+    lp = -0.69986  # float16 rounds it up to -0.69971: the raw difference of the columns is +1.5e-4
+    assert float(np.float16(lp)) - lp > 1e-6
+    s = shard()
+    # path 1 leaves the chain at depth 1; path 2 at depth 4, its earlier (right) steps sampled at `lp` as top-1
+    s.insert([rollout("a", [3, 4, 5, 6, 2], [0.0, 2.2, 0.0, 0.0, 0.0]),
+              Rollout(request_id=1, root_id="a", prompt_ids=[1, 2], prefix_ids=[], token_ids=[3, 5, 6, 1, 4, 2],
+                      logprobs=[lp, lp, lp, lp, -2.9, lp], entropy=[1.0] * 6, top1_logprobs=[lp, lp, lp, lp, lp, lp],
+                      alt_token_ids=[7] * 6, alt_logprobs=[-1.0] * 6, reward=0.0, policy_version=0, actor_id=0)])
+    bps = s.select(3)
+    assert [(bp.root_id, bp.prefix_ids, bp.token_id) for bp in bps] == [("a", [3, 5, 6, 1], 4)]
+    c = PoolCandidates(s)
+    right = c.surprise < 1.0
+    assert (c.surprise[right] == 0.0).all() and right.sum() == 8  # all but the two wrong turns
