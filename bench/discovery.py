@@ -37,18 +37,7 @@ import os
 import sys
 import time
 
-from bench.gap import MODES as GAP_MODES
-
-MODES = {**GAP_MODES,  # the gap benchmark's modes, and the seed paper's frontier rule (prefix_store/frontier.py)
-         "prefix_frontier": ["store.branch_fraction=0.5", "store.scorer=frontier", "store.branch_action=resample"]}
-
-def mode_overrides(mode: str) -> list[str]:
-    """Config overrides of a mode: one of MODES, or a prefix mode at another branch fraction, `<mode>,bf=<x>`
-    (x of the 16 requests per round go to stored branch points, the rest to fresh prompts)."""
-    base, _, frac = mode.partition(",bf=")
-    if base not in MODES or base == "root_start" and frac or (mode != base and not frac):
-        raise KeyError(mode)
-    return MODES[base] + ([f"store.branch_fraction={float(frac)}"] if frac else [])
+from bench.gap import MODES, mode_overrides  # noqa: F401 - mode_overrides: this module's modes are gap's
 
 
 def mode_order(mode: str) -> tuple:

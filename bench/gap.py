@@ -17,6 +17,9 @@ learner) with identical budgets and seeds in one of these modes:
   prefix_first_surprise  half re-enter at the first surprising token of a stored path (the first
                       wrong turn when the model prefers the right step while on track) and force
                       the model's top alternative there: "extend the proven prefix"
+  prefix_frontier     half re-enter at each root's deepest first surprise (one per root) and resample
+                      that token, so the failing decision itself is sampled and trained
+  <mode>,bf=<x>       a prefix mode with a share x of the requests re-entering stored prefixes
 Held-out root-start success is measured every `--eval-every` steps; the
 result of a run is the number of generated training tokens (and sampled
 continuations) when it first reaches 0.5 and 0.9, or null.
@@ -43,7 +46,18 @@ MODES = {
     "prefix_random": ["store.branch_fraction=0.5", "store.scorer=random"],
     # branch at the first token the model did not expect and force its top alternative there
     "prefix_first_surprise": ["store.branch_fraction=0.5", "store.scorer=first_surprise", "store.branch_action=force"],
+    # the seed paper's frontier rule (prefix_store/frontier.py): per root its deepest first surprise, resampled
+    "prefix_frontier": ["store.branch_fraction=0.5", "store.scorer=frontier", "store.branch_action=resample"],
 }
+
+
+def mode_overrides(mode: str) -> list[str]:
+    """Config overrides of a mode: one of MODES, or a prefix mode at another branch fraction, `<mode>,bf=<x>`
+    (x of the requests per step go to stored branch points, the rest to fresh prompts)."""
+    base, _, frac = mode.partition(",bf=")
+    if base not in MODES or base == "root_start" and frac or (mode != base and not frac):
+        raise KeyError(mode)
+    return MODES[base] + ([f"store.branch_fraction={float(frac)}"] if frac else [])
 SCORERS_H8 = ("first_surprise", "surprise", "entropy", "one_minus_max_prob", "step_confidence", "confidence_variance",
               "outcome_uncertainty", "random")
 VARIANTS_H8 = {  # every scorer with each branch action, and soft-value advantages with the default scorer
@@ -135,6 +149,16 @@ def main(argv=None) -> int:
     # --quick reports tokens to 0.5 only, so its runs stop there; the full benchmark goes on to 0.9
     stop_at = 0.5 if args.quick else 0.9
     variants = not (args.quick or args.no_variants)
+    fractions = [m for m in args.modes or [] if ",bf=" in m]
+    unknown = set(args.modes or []) - set(MODES) - set(VARIANTS_H8) - set(fractions)
+    for m in fractions:
+        try:
+            mode_overrides(m)
+        except (KeyError, ValueError):
+            unknown.add(m)
+    if unknown:
+        ap.error(f"unknown modes {sorted(unknown)}; known: {', '.join([*MODES, *VARIANTS_H8])} and "
+                 "<prefix mode>,bf=<share>")
 
     import ray
 
@@ -190,10 +214,8 @@ def main(argv=None) -> int:
         variant_seed_ids = seed_ids if args.variant_seeds is None else range(args.first_seed, args.first_seed + args.variant_seeds)
         plan += [(8, name, seed, over) for name, over in VARIANTS_H8.items() for seed in variant_seed_ids]
     if args.modes:
-        unknown = set(args.modes) - set(MODES) - set(VARIANTS_H8)
-        if unknown:
-            ap.error(f"unknown modes {sorted(unknown)}; known: {', '.join([*MODES, *VARIANTS_H8])}")
         plan = [x for x in plan if x[1] in args.modes]
+        plan += [(h, m, seed, mode_overrides(m)) for h in horizons for m in fractions for seed in seed_ids]
     plan += [(h, f"{mode},beta={b:g}", seed, [*over, f"learner.kl_coef={b}"])
              for b in args.kl_coefs for h, mode, seed, over in list(plan)]
     if done:
@@ -287,7 +309,9 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for k, mode in enumerate([m for m in MODES if any(r["mode"] == m for r in results["runs"])]):
+    plotted = [m for m in MODES if any(r["mode"] == m for r in results["runs"])]
+    plotted += sorted({r["mode"] for r in results["runs"] if ",bf=" in r["mode"]})  # branch-fraction variants
+    for k, mode in enumerate(plotted):
         hs, med, lo, hi = [], [], [], []
         for h in results["horizons"]:
             xs = [r["tokens_to_0.5"] for r in results["runs"] if r["H"] == h and r["mode"] == mode]

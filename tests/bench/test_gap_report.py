@@ -61,3 +61,11 @@ def test_a_results_file_of_other_settings_is_not_resumed(tmp_path, capsys):
             assert json.load(f) == old
     finally:
         os.remove(path)
+
+
+def test_gap_modes_take_branch_fraction_variants_of_prefix_modes():
+    from bench.gap import MODES, mode_overrides
+
+    assert mode_overrides("prefix_frontier") == MODES["prefix_frontier"]
+    assert "store.scorer=frontier" in MODES["prefix_frontier"] and "store.branch_action=resample" in MODES["prefix_frontier"]
+    assert mode_overrides("prefix_frontier,bf=0.875")[-1] == "store.branch_fraction=0.875"
