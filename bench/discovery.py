@@ -220,6 +220,8 @@ def main(argv=None) -> int:
                     help="vllm: a rollout actor (Ray + vLLM, run it under the heavy lock); torch: TorchGenerator, the "
                          "same frozen policy sampled in this process")
     args = ap.parse_args(argv)
+    if args.end_to_end and not args.report:
+        ap.error("--end-to-end reads a bench.gap results file beside --report's discovery files; pass --report too")
     if args.report:
         for path in args.report:
             with open(path) as f:

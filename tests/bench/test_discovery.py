@@ -171,3 +171,14 @@ def test_mode_overrides_name_branch_fraction_variants_of_prefix_modes_only():
             mode_overrides(bad)
     order = sorted(["prefix_frontier,bf=0.875", "prefix_frontier", "root_start"], key=mode_order)
     assert order == ["root_start", "prefix_frontier", "prefix_frontier,bf=0.875"]
+
+
+def test_end_to_end_without_report_is_refused_before_anything_runs(capsys):
+    import pytest
+
+    from bench.discovery import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--end-to-end", "bench/results/gap_frontier.json"])
+    assert e.value.code == 2
+    assert "pass --report too" in capsys.readouterr().err
