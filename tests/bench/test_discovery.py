@@ -182,3 +182,19 @@ def test_end_to_end_without_report_is_refused_before_anything_runs(capsys):
         main(["--end-to-end", "bench/results/gap_frontier.json"])
     assert e.value.code == 2
     assert "pass --report too" in capsys.readouterr().err
+
+
+def test_calibrated_k_star_solves_the_two_cost_model_where_root_start_reached():
+    from bench.discovery import calibrated_k_star
+
+    disc = {"p0": {"8": {"p0": 0.004}, "10": {"p0": 0.001}, "12": {"p0": 0.00025}},
+            "cells": [{"H": h, "mode": "root_start", "calls": 100, "generated_tokens": 100 * (h + 1)} for h in (8, 10, 12)]}
+    runs = [{"H": 8, "mode": "root_start", "tokens_to_0.5": 63_000}, {"H": 8, "mode": "prefix_frontier", "tokens_to_0.5": 54_000},
+            {"H": 10, "mode": "root_start", "tokens_to_0.5": 200_000}, {"H": 10, "mode": "root_start", "tokens_to_0.5": 210_000},
+            {"H": 10, "mode": "prefix_frontier", "tokens_to_0.5": 88_000},
+            {"H": 12, "mode": "root_start", "tokens_to_0.5": None}, {"H": 12, "mode": "prefix_frontier", "tokens_to_0.5": 68_000}]
+    k, per_h = calibrated_k_star(disc, {"runs": runs})
+    assert set(per_h) == {8, 10}  # H=12's root-start never reached 0.5: nothing to fit there
+    assert abs(per_h[10] - (205_000 - 88_000) * 0.001 / 11) < 1e-9 and k == per_h[10]
+    assert abs(per_h[8] - (63_000 - 54_000) * 0.004 / 9) < 1e-9
+    assert calibrated_k_star(disc, {"runs": runs[-2:]}) == (None, {})
